@@ -1,0 +1,79 @@
+"""RoPE frequency schedules: plain, linear interpolation, static NTK and dynamic NTK.
+
+Notation: ``base`` is the model's rope_theta, ``dim`` the rotary dimension (head_dim times the partial rotary
+factor), ``T`` the trained context length, ``L`` the current sequence length (largest position + 1).
+
+    inv_freq_j = 1 / base^(2j / dim),  j = 0 .. dim/2 - 1        (rope_inv_freq)
+    linear:       inv_freq_j / factor                              (positions squeezed by ``factor``)
+    ntk:          base' = base * alpha^(dim / (dim - 2))          (ntk_base)
+    dynamic ntk:  base' = base * (alpha * L / T - (alpha - 1))^(dim / (dim - 2))  for L > T, else base
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rope_inv_freq(base: float, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies ``1 / base^(2j/dim)`` in float32, as transformers computes them."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    return 1.0 / (base**exponents)
+
+
+def ntk_base(base: float, alpha: float, dim: int) -> float:
+    """Static NTK-aware base: ``base * alpha^(dim/(dim-2))``."""
+    return base * alpha ** (dim / (dim - 2))
+
+
+def dynamic_ntk_base(base: float, alpha: float, seq_len: int, train_len: int, dim: int) -> float:
+    """Dynamic NTK base for length ``seq_len``: unchanged up to ``train_len``, then
+    ``base * (alpha * L / T - (alpha - 1))^(dim/(dim-2))`` (transformers' ``rope_type="dynamic"`` with factor=alpha).
+    """
+    if seq_len <= train_len:
+        return base
+    return base * (alpha * seq_len / train_len - (alpha - 1)) ** (dim / (dim - 2))
+
+
+def scheduled_length(seq_len: int, train_len: int, bucket: int) -> int:
+    """The length a bucketed dynamic schedule computes its base from.
+
+    Up to ``train_len`` it is ``seq_len`` itself (the base stays the stock one there); past it, it is rounded up
+    to ``train_len + k * bucket``, so the base changes only every ``bucket`` tokens. That is what lets cached
+    generation re-rotate its keys rarely, and a single forward process its queries in few groups. ``bucket=1``
+    is the exact per-token schedule (transformers' own).
+    """
+    if seq_len <= train_len:
+        return seq_len
+    return train_len + math.ceil((seq_len - train_len) / bucket) * bucket
+
+
+def rotation_delta(
+    positions: torch.Tensor, inv_freq_from: torch.Tensor, inv_freq_to: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the angle that turns a key rotated with ``inv_freq_from`` into one rotated with ``inv_freq_to``.
+
+    Rotations compose, so ``R(p * to) = R(p * to - p * from) R(p * from)``. Both angles are formed the way the
+    model forms them (float32 ``position * inv_freq``) and subtracted in float64, so a chain of re-rotations
+    telescopes to the angle a fresh forward would use instead of accumulating float32 rounding.
+    Returns float32 tensors of shape ``positions.shape + (dim/2,)``.
+    """
+    pos = positions.float()[..., None]
+    angle = (pos * inv_freq_to.float()).double() - (pos * inv_freq_from.float()).double()
+    return angle.cos().float(), angle.sin().float()
+
+
+def rotate_in_place(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate ``keys`` (batch, heads, seq, dim) in place by per-position angles in the rotate-half layout.
+
+    ``cos``/``sin`` have shape (batch, seq, dim/2); the first and second halves of the last dimension are the
+    two coordinates of each rotated pair, as in transformers' ``rotate_half``.
+    """
+    half = keys.shape[-1] // 2
+    cos = cos[:, None].to(torch.float32)
+    sin = sin[:, None].to(torch.float32)
+    x1 = keys[..., :half].float()
+    x2 = keys[..., half:].float()
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    keys.copy_(rotated)

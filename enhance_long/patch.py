@@ -1,0 +1,535 @@
+"""Wiring a method into a loaded transformers model, in place and reversibly.
+
+Three extension points of transformers 5 are used, nothing else is replaced:
+
+* the model's ``rotary_emb``: static methods (linear, ntk, yarn) only rewrite its ``inv_freq`` buffer; dynamic
+  methods swap in :class:`DynamicRotary`, which derives the frequencies from the current length;
+* ``AttentionInterface`` + ``AttentionMaskInterface``: the model's attention implementation is renamed to
+  ``enhance_long_<backend>``, whose function applies the LogN query scale and then calls the stock backend, and
+  whose mask function is the stock backend's (without it transformers would silently drop the mask);
+* a forward pre-hook on the decoder, run once per forward: it computes the LogN factors of this forward's
+  queries and, for ``consistent_ntk``, re-rotates the keys already in the ``DynamicCache`` to the base of the
+  current length and splits the queries into groups that share a base.
+
+Consistent dynamic NTK gives the query at position i, and every key it attends to, the base of length i + 1
+(bucketed: see ``scheduled_length``). The output at position i then depends only on tokens 0..i, as in any
+causal model, so token-by-token generation with the cache equals one full forward over the same prefix.
+Transformers' dynamic NTK instead rotates a whole forward with the base of its longest position and leaves
+cached keys with the base they were written with, so its outputs depend on how the text was chunked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+from transformers.models.llama import modeling_llama
+
+from enhance_long.methods.logn import logn_scale
+from enhance_long.methods.ntk import (
+    dynamic_ntk_base,
+    ntk_base,
+    rope_inv_freq,
+    rotate_in_place,
+    rotation_delta,
+    scheduled_length,
+)
+from enhance_long.methods.yarn import yarn_frequencies
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
+ATTENTION_PREFIX = "enhance_long_"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A RoPE method: its knobs with their defaults, and how its frequencies behave."""
+
+    name: str
+    knobs: dict[str, Any]
+    dynamic: bool = False  # the base follows the current sequence length
+    consistent: bool = False  # cached keys are re-rotated to the current base
+    summary: str = ""
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("none", {}, summary="the model as it ships (direct extrapolation)"),
+        Method("linear", {"factor": 2.0}, summary="position interpolation: positions divided by factor"),
+        Method("ntk", {"alpha": 2.0}, summary="static NTK-aware base: base * alpha^(d/(d-2))"),
+        Method(
+            "dynamic_ntk",
+            {"alpha": 2.0, "bucket": 1},
+            dynamic=True,
+            summary="base from the current length; cached keys keep the base they were written with",
+        ),
+        Method(
+            "consistent_ntk",
+            {"alpha": 2.0, "bucket": 1},
+            dynamic=True,
+            consistent=True,
+            summary="dynamic NTK with every cached key re-rotated to the current base",
+        ),
+        Method(
+            "yarn",
+            {"factor": 2.0, "beta_fast": 32.0, "beta_slow": 1.0},
+            summary="YaRN: NTK-by-parts interpolation plus attention temperature",
+        ),
+    )
+}
+
+DEFAULT_ROPE = "consistent_ntk"
+
+
+def trained_length(config) -> int:
+    """The context length the model was trained on: ``original_max_position_embeddings`` if set, else
+    ``max_position_embeddings``."""
+    rope_parameters = getattr(config, "rope_parameters", None) or {}
+    original = rope_parameters.get("original_max_position_embeddings") or getattr(
+        config, "original_max_position_embeddings", None
+    )
+    return int(original or config.max_position_embeddings)
+
+
+def rotary_dim(config) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+    return int(head_dim * partial)
+
+
+@dataclass
+class Settings:
+    """A validated request: what ``apply`` will install."""
+
+    method: Method
+    knobs: dict[str, Any]
+    logn: bool
+    train_len: int
+    logn_len: int
+
+
+def resolve(model, rope: str = DEFAULT_ROPE, logn: bool = True, train_len: int | None = None, **knobs) -> Settings:
+    """Check a request against a model without touching it; every problem is a one-line ``ValueError``."""
+    if rope not in METHODS:
+        raise ValueError(f"unknown rope method {rope!r}; choose one of {', '.join(METHODS)}")
+    method = METHODS[rope]
+    logn_len = knobs.pop("logn_len", None)
+    unknown = sorted(set(knobs) - set(method.knobs))
+    if unknown:
+        takes = ", ".join(method.knobs) or "no knobs"
+        raise ValueError(f"rope={rope!r} does not take {', '.join(unknown)}; it takes {takes}")
+    values = {**method.knobs, **{k: v for k, v in knobs.items() if v is not None}}
+    for name in ("alpha", "factor", "beta_fast", "beta_slow"):
+        if name in values and not (isinstance(values[name], int | float) and values[name] > 0):
+            raise ValueError(f"{name}={values[name]!r} is invalid for rope={rope!r}; it must be a number > 0")
+    if "bucket" in values and not (isinstance(values["bucket"], int) and values["bucket"] >= 1):
+        raise ValueError(f"bucket={values['bucket']!r} is invalid; it must be an integer >= 1 (1 = exact schedule)")
+
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model type {model_type!r} is not supported; enhance_long supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    rotary = _find_rotary(model)
+    if rotary is None:
+        raise ValueError(f"model {type(model).__name__} has no rotary embedding (rotary_emb); nothing to extend")
+    stock_rope = (config.rope_parameters or {}).get("rope_type", "default")
+    if method.name != "none" and stock_rope != "default":
+        raise ValueError(
+            f"model already uses rope_type={stock_rope!r}; rope={rope!r} starts from plain RoPE, use rope='none'"
+        )
+    for name, value in (("train_len", train_len), ("logn_len", logn_len)):
+        if value is not None and not (isinstance(value, int) and value > 1):
+            raise ValueError(f"{name}={value!r} is invalid; it must be an integer > 1 (or None for the model's own)")
+    backend = _stock_backend(config)
+    check_backend(backend)
+    train_len = train_len or trained_length(config)
+    return Settings(method, values, bool(logn), train_len, logn_len or train_len)
+
+
+def check_backend(backend: str) -> None:
+    """Refuse an attention backend this machine cannot run, before transformers falls back to the hub."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not supported; choose one of {', '.join(BACKENDS)}")
+    if backend == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError(
+                'attention="flash_attention_2" needs the flash-attn package: pip install "enhance-long[flash]"'
+            )
+        if not torch.cuda.is_available():
+            raise ValueError('attention="flash_attention_2" needs a CUDA GPU; use attention="sdpa" on this machine')
+
+
+def _find_rotary(model) -> nn.Module | None:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    return getattr(decoder, "rotary_emb", None)
+
+
+def _stock_backend(config) -> str:
+    name = config._attn_implementation or "sdpa"
+    return name.removeprefix(ATTENTION_PREFIX)
+
+
+class DynamicRotary(nn.Module):
+    """Rotary embedding whose frequencies follow the current sequence length (largest position + 1)."""
+
+    def __init__(self, stock: nn.Module, frequencies: Callable[[int, torch.device], torch.Tensor]):
+        super().__init__()
+        self.stock = stock
+        self.frequencies = frequencies
+        self.attention_scaling = stock.attention_scaling
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.frequencies(int(position_ids.max()) + 1, x.device)
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+@dataclass
+class ForwardPlan:
+    """What the pre-hook derives once per forward and every attention layer reuses."""
+
+    positions: torch.Tensor  # (batch or 1, q_len) position ids of this forward's queries
+    query_scale: torch.Tensor | None  # (batch or 1, 1, q_len, 1) LogN factors, None when all are 1
+    groups: list[tuple[int, int, torch.Tensor]]  # (start, end, inv_freq) query runs sharing a base; [] = one base
+    final_inv_freq: torch.Tensor | None  # the frequencies the rotary embedding used for this forward
+    rotations: dict = field(default_factory=dict)  # memo of per-group cos/sin and masks, shared across layers
+
+
+@dataclass
+class PatchState:
+    """What ``apply`` changed on one model, and the plan of the forward in flight."""
+
+    settings: Settings
+    backend: str
+    stock_attn: str
+    rotary_owner: nn.Module
+    stock_rotary: nn.Module
+    stock_inv_freq: torch.Tensor
+    stock_attention_scaling: float
+    frequencies: Callable[[int, torch.device], torch.Tensor]
+    hook: Any = None
+    plan: ForwardPlan | None = None
+    cache_freqs: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+
+
+def _frequency_schedule(model, settings: Settings) -> Callable[[int, torch.device], torch.Tensor]:
+    """The inverse frequencies as a function of (sequence length, device), memoized per scheduled length."""
+    config = model.config
+    base = float(config.rope_parameters["rope_theta"])
+    dim = rotary_dim(config)
+    knobs = settings.knobs
+    name = settings.method.name
+    if name == "linear":
+        fixed = rope_inv_freq(base, dim) / knobs["factor"]
+    elif name == "ntk":
+        fixed = rope_inv_freq(ntk_base(base, knobs["alpha"], dim), dim)
+    elif name == "yarn":
+        fixed, _ = yarn_frequencies(config, knobs["factor"], settings.train_len, knobs["beta_fast"], knobs["beta_slow"])
+    else:
+        fixed = rope_inv_freq(base, dim)
+    memo: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def frequencies(seq_len: int, device: torch.device) -> torch.Tensor:
+        length = scheduled_length(seq_len, settings.train_len, knobs["bucket"]) if settings.method.dynamic else 0
+        key = (length, torch.device(device))
+        if key not in memo:
+            if settings.method.dynamic:
+                fixed_or_dynamic = rope_inv_freq(
+                    dynamic_ntk_base(base, knobs["alpha"], length, settings.train_len, dim), dim
+                )
+            else:
+                fixed_or_dynamic = fixed
+            memo[key] = fixed_or_dynamic.to(device)
+        return memo[key]
+
+    return frequencies
+
+
+def apply(model, rope: str = DEFAULT_ROPE, logn: bool = True, train_len: int | None = None, **knobs):
+    """Patch ``model`` in place with a RoPE method and optional LogN scaling; returns the model.
+
+    ``rope`` is one of ``METHODS``; ``knobs`` are that method's settings (``alpha``, ``bucket``, ``factor``,
+    ``beta_fast``, ``beta_slow``) plus ``logn_len`` (LogN's T, default ``train_len``). ``train_len`` defaults to
+    the model's trained length. A model that is already patched is restored first. Nothing changes on error.
+    """
+    settings = resolve(model, rope, logn, train_len, **knobs)
+    remove(model)
+    config = model.config
+    backend = _stock_backend(config)
+    rotary = _find_rotary(model)
+    owner = model.get_decoder() if hasattr(model, "get_decoder") else model
+    frequencies = _frequency_schedule(model, settings)
+    state = PatchState(
+        settings=settings,
+        backend=backend,
+        stock_attn=config._attn_implementation,
+        rotary_owner=owner,
+        stock_rotary=rotary,
+        stock_inv_freq=rotary.inv_freq.detach().clone(),
+        stock_attention_scaling=rotary.attention_scaling,
+        frequencies=frequencies,
+    )
+    method = settings.method
+    if method.dynamic:
+        owner.rotary_emb = DynamicRotary(rotary, frequencies)
+    elif method.name != "none":
+        rotary.inv_freq.copy_(frequencies(0, rotary.inv_freq.device))
+        if method.name == "yarn":
+            k = settings.knobs
+            _, rotary.attention_scaling = yarn_frequencies(
+                config, k["factor"], settings.train_len, k["beta_fast"], k["beta_slow"]
+            )
+    for module in _attention_modules(model):
+        module._enhance_long = state
+    _register_backend(backend)
+    config._attn_implementation = ATTENTION_PREFIX + backend
+    state.hook = owner.register_forward_pre_hook(_make_pre_hook(state), with_kwargs=True)
+    model._enhance_long = state
+    return model
+
+
+def remove(model):
+    """Undo ``apply``: the model computes exactly what it computed before; returns the model."""
+    state: PatchState | None = getattr(model, "_enhance_long", None)
+    if state is None:
+        return model
+    state.hook.remove()
+    state.rotary_owner.rotary_emb = state.stock_rotary
+    state.stock_rotary.inv_freq.copy_(state.stock_inv_freq)
+    state.stock_rotary.attention_scaling = state.stock_attention_scaling
+    for module in _attention_modules(model):
+        del module._enhance_long
+    model.config._attn_implementation = state.stock_attn
+    del model._enhance_long
+    return model
+
+
+def describe(model) -> dict[str, Any] | None:
+    """What is installed on ``model`` (None when unpatched): method, knobs, LogN, lengths, backend."""
+    state: PatchState | None = getattr(model, "_enhance_long", None)
+    if state is None:
+        return None
+    s = state.settings
+    return {
+        "rope": s.method.name,
+        **s.knobs,
+        "logn": s.logn,
+        "train_len": s.train_len,
+        "logn_len": s.logn_len,
+        "attention": state.backend,
+    }
+
+
+def _attention_modules(model):
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
+
+
+def _make_pre_hook(state: PatchState):
+    def before_forward(module, args, kwargs):
+        settings = state.settings
+        positions = _positions(args, kwargs)
+        seq_len = int(positions.max()) + 1
+        query_scale = None
+        if settings.logn and seq_len > settings.logn_len:
+            query_scale = logn_scale(positions, settings.logn_len)[:, None, :, None]
+        groups, final = [], None
+        if settings.method.consistent:
+            final = state.frequencies(seq_len, positions.device)
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if cache is not None:
+                _sync_cache(state, cache, positions, final)
+            if positions.shape[-1] > 1 and seq_len > settings.train_len:
+                groups = _query_groups(state, positions)
+        state.plan = ForwardPlan(positions, query_scale, groups, final)
+        return None
+
+    return before_forward
+
+
+def _positions(args, kwargs) -> torch.Tensor:
+    """This forward's position ids, derived as the decoder itself derives them when none are given."""
+    positions = kwargs.get("position_ids")
+    if positions is not None:
+        return positions if positions.dim() == 2 else positions[None]
+    inputs = kwargs.get("input_ids", args[0] if args else None)
+    if inputs is None:
+        inputs = kwargs["inputs_embeds"]
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    past = cache.get_seq_length() if cache is not None else 0
+    return (torch.arange(inputs.shape[1], device=inputs.device) + past)[None]
+
+
+def _query_groups(state: PatchState, positions: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+    """Runs of consecutive queries that share a base; a single run means no grouping is needed.
+
+    In a left-padded batch every row takes the base of the longest row at each query index, as transformers does.
+    """
+    settings = state.settings
+    longest = positions.max(dim=0).values.tolist()
+    lengths = [scheduled_length(p + 1, settings.train_len, settings.knobs["bucket"]) for p in longest]
+    groups, start = [], 0
+    for i in range(1, len(lengths) + 1):
+        if i == len(lengths) or lengths[i] != lengths[start]:
+            groups.append((start, i, state.frequencies(lengths[start], positions.device)))
+            start = i
+    return groups if len(groups) > 1 else []
+
+
+def _sync_cache(state: PatchState, cache: Cache, positions: torch.Tensor, target: torch.Tensor) -> None:
+    """Re-rotate every key stored in ``cache`` to ``target`` frequencies, in place, when they differ.
+
+    Stored keys sit contiguously right before this forward's tokens (also after a sliding window dropped the
+    oldest), so the key in slot j of a layer holding n keys has position ``positions[:, 0] - n + j``.
+    """
+    if not isinstance(cache, DynamicCache):
+        raise ValueError(
+            f"rope='consistent_ntk' re-rotates a DynamicCache, got {type(cache).__name__}; "
+            "use the default cache (DynamicCache) or rope='dynamic_ntk'"
+        )
+    device = positions.device
+    written = state.cache_freqs.get(cache, state.stock_inv_freq.to(device))
+    if written is not target and not torch.equal(written, target):
+        rotations: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in cache.layers:
+            keys = getattr(layer, "keys", None)
+            if not torch.is_tensor(keys) or keys.numel() == 0:
+                continue
+            n = keys.shape[-2]
+            if n not in rotations:
+                rotations[n] = rotation_delta(_slot_positions(positions, n, n), written, target)
+            rotate_in_place(keys, *rotations[n])
+    state.cache_freqs[cache] = target
+
+
+def _slot_positions(positions: torch.Tensor, n_before: int, n_slots: int) -> torch.Tensor:
+    """Positions of the first ``n_slots`` key slots when ``n_before`` keys precede this forward's tokens."""
+    slots = positions[:, :1] - n_before + torch.arange(n_slots, device=positions.device)
+    return slots.clamp(min=0)
+
+
+def _enhanced_attention(backend: str):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        plan = module._enhance_long.plan
+        if plan is not None and plan.query_scale is not None:
+            query = query * plan.query_scale.to(query.dtype)
+        stock = _stock_attention(backend, module)
+        if plan is None or not plan.groups:
+            return stock(module, query, key, value, attention_mask, **kwargs)
+        return _grouped_attention(stock, backend, plan, module, query, key, value, attention_mask, **kwargs)
+
+    attention.__name__ = f"enhance_long_{backend}_attention"
+    return attention
+
+
+def _grouped_attention(stock, backend, plan: ForwardPlan, module, query, key, value, attention_mask, **kwargs):
+    """One stock attention call per group of queries, each with its queries and keys re-rotated to its base.
+
+    The rotary embedding rotated this forward with ``plan.final_inv_freq`` (the last group's); earlier groups
+    see a rotated copy of the query rows they own and of the key prefix they may attend to.
+    """
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    n_before = kv_len - q_len
+    outputs = []
+    for start, end, inv_freq in plan.groups:
+        kv_end = n_before + end
+        q, k, v = query[:, :, start:end], key[:, :, :kv_end], value[:, :, :kv_end]
+        if inv_freq is not plan.final_inv_freq:
+            memo_key = (start, kv_len)
+            if memo_key not in plan.rotations:
+                slots = _slot_positions(plan.positions, n_before, kv_end)
+                plan.rotations[memo_key] = rotation_delta(slots, plan.final_inv_freq, inv_freq)
+            cos, sin = plan.rotations[memo_key]
+            q, k = q.clone(), k.clone()
+            rotate_in_place(q, cos[:, n_before + start :], sin[:, n_before + start :])
+            rotate_in_place(k, cos, sin)
+        mask = _group_mask(backend, plan, attention_mask, start, end, n_before, kv_end, query)
+        output, _ = stock(module, q, k, v, mask, **kwargs)
+        outputs.append(output)
+    return torch.cat(outputs, dim=1), None
+
+
+def _group_mask(backend, plan: ForwardPlan, attention_mask, start, end, n_before, kv_end, query):
+    """The slice of this forward's mask for queries [start, end) and keys [0, kv_end), in the backend's form."""
+    if backend == "flash_attention_2":
+        # flash takes a 2D padding mask (or none) and aligns its causal mask bottom-right, as each group needs
+        return None if attention_mask is None else attention_mask[:, :kv_end]
+    if attention_mask is not None and not torch.is_tensor(attention_mask):
+        return _flex_group_mask(plan, attention_mask, start, end, kv_end, query)
+    if attention_mask is not None:
+        return attention_mask[:, :, start:end, :kv_end]
+    # no mask means plain causal over this forward; a group needs it bottom-right aligned, so build it
+    allowed = torch.arange(kv_end, device=query.device)[None, :] <= (
+        n_before + torch.arange(start, end, device=query.device)[:, None]
+    )
+    if backend == "eager":
+        return torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~allowed, torch.finfo(query.dtype).min
+        )[None, None]
+    return allowed[None, None]
+
+
+def _flex_group_mask(plan: ForwardPlan, block_mask, start, end, kv_end, query):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    memo_key = ("flex", start, kv_end)
+    if memo_key not in plan.rotations:
+        full = block_mask.mask_mod
+
+        def shifted(b, h, q_idx, kv_idx):
+            return full(b, h, q_idx + start, kv_idx)
+
+        plan.rotations[memo_key] = create_block_mask(
+            shifted, B=block_mask.shape[0], H=None, Q_LEN=end - start, KV_LEN=kv_end, device=query.device
+        )
+    return plan.rotations[memo_key]
+
+
+def _stock_attention(backend: str, module) -> Callable:
+    if backend == "eager":
+        modeling = sys.modules.get(type(module).__module__)
+        return getattr(modeling, "eager_attention_forward", modeling_llama.eager_attention_forward)
+    if backend == "flash_attention_2":
+        return _flash_attention
+    return ALL_ATTENTION_FUNCTIONS[backend]
+
+
+def _flash_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' flash path, named explicitly: its own wrapper would look the kernel up under our name."""
+    from transformers.integrations.flash_attention import get_target_dtype
+    from transformers.modeling_flash_attention_utils import _flash_attention_forward
+
+    output = _flash_attention_forward(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        attention_mask,
+        query_length=query.shape[2],
+        is_causal=kwargs.pop("is_causal", module.is_causal),
+        dropout=dropout,
+        softmax_scale=scaling,
+        target_dtype=get_target_dtype(query, module),
+        attn_implementation="flash_attention_2",
+        layer_idx=getattr(module, "layer_idx", None),
+        **kwargs,
+    )
+    return output, None
+
+
+def _register_backend(backend: str) -> None:
+    name = ATTENTION_PREFIX + backend
+    if name not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionInterface.register(name, _enhanced_attention(backend))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[backend])

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random models of every supported family, built in code (no downloads)."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+TRAIN_LEN = 32  # trained context of the tiny models; tests run to 3x this
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def tiny_model(family: str = "llama", attention: str = "sdpa", rope_parameters: dict | None = None, seed: int = 0):
+    """A 2-layer random model of ``family`` with GQA (4 query heads, 2 key/value heads), fp32, eval mode."""
+    config = AutoConfig.for_model(
+        family,
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=TRAIN_LEN,
+        rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
+        sliding_window=None,
+        attn_implementation=attention,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 97, (1, 3 * TRAIN_LEN), generator=torch.Generator().manual_seed(1))

@@ -25,7 +25,7 @@ import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -43,6 +43,13 @@ from enhance_long.methods.ntk import (
     rotation_delta,
     scheduled_length,
 )
+from enhance_long.methods.relative import (
+    PositionMap,
+    leaky_rerope_positions,
+    rerope_positions,
+    self_extend_positions,
+    two_view_attention,
+)
 from enhance_long.methods.yarn import yarn_frequencies
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -50,41 +57,128 @@ BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
 ATTENTION_PREFIX = "enhance_long_"
 
 
+class Rope(NamedTuple):
+    """Rotary frequencies and the factor transformers multiplies cos/sin by (YaRN's attention temperature)."""
+
+    inv_freq: torch.Tensor
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Basis:
+    """What every frequency function starts from."""
+
+    config: Any
+    base: float  # rope_theta
+    dim: int  # rotary dimension
+    train_len: int
+
+
+def _stock(b: Basis, k: dict, length: int) -> Rope:
+    return Rope(rope_inv_freq(b.base, b.dim))
+
+
+def _linear(b: Basis, k: dict, length: int) -> Rope:
+    return Rope(rope_inv_freq(b.base, b.dim) / k["factor"])
+
+
+def _ntk(b: Basis, k: dict, length: int) -> Rope:
+    return Rope(rope_inv_freq(ntk_base(b.base, k["alpha"], b.dim), b.dim))
+
+
+def _dynamic_ntk(b: Basis, k: dict, length: int) -> Rope:
+    return Rope(rope_inv_freq(dynamic_ntk_base(b.base, k["alpha"], length, b.train_len, b.dim), b.dim))
+
+
+def _yarn(b: Basis, k: dict, length: int) -> Rope:
+    return Rope(*yarn_frequencies(b.config, k["factor"], b.train_len, k["beta_fast"], k["beta_slow"]))
+
+
+def _ntk_by_parts(b: Basis, k: dict, length: int) -> Rope:
+    return Rope(_yarn(b, k, length).inv_freq)
+
+
+def _dynamic_yarn(b: Basis, k: dict, length: int) -> Rope:
+    factor = max(1.0, length / b.train_len)
+    return Rope(*yarn_frequencies(b.config, factor, b.train_len, k["beta_fast"], k["beta_slow"]))
+
+
 @dataclass(frozen=True)
 class Method:
-    """A RoPE method: its knobs with their defaults, and how its frequencies behave."""
+    """A RoPE method: its knobs with their defaults, its frequencies, and how they behave."""
 
     name: str
     knobs: dict[str, Any]
-    dynamic: bool = False  # the base follows the current sequence length
-    consistent: bool = False  # cached keys are re-rotated to the current base
+    frequencies: Callable[[Basis, dict, int], Rope] = _stock
+    dynamic: bool = False  # the frequencies follow the current length (bucketed past train_len)
+    consistent: bool = False  # ... per query, with cached keys re-rotated: cached generation == one forward
+    far_view: Callable[[dict], PositionMap] | None = None  # remaps positions beyond knobs["window"]
+    reaches: str = ""  # the length it is meant for, in terms of the trained length T and its knobs
     summary: str = ""
 
 
+_YARN_KNOBS = {"factor": 2.0, "beta_fast": 32.0, "beta_slow": 1.0}
 SPECS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("none", {}, summary="the model as it ships (direct extrapolation)"),
-        Method("linear", {"factor": 2.0}, summary="position interpolation: positions divided by factor"),
-        Method("ntk", {"alpha": 2.0}, summary="static NTK-aware base: base * alpha^(d/(d-2))"),
+        Method("none", {}, reaches="T", summary="the model as it ships (direct extrapolation)"),
+        Method("linear", {"factor": 2.0}, _linear, reaches="factor*T", summary="positions divided by factor"),
+        Method("ntk", {"alpha": 2.0}, _ntk, reaches="~alpha*T", summary="static NTK-aware base * alpha^(d/(d-2))"),
         Method(
             "dynamic_ntk",
             {"alpha": 2.0, "bucket": 1},
+            _dynamic_ntk,
             dynamic=True,
-            summary="base from the current length; cached keys keep the base they were written with",
+            reaches="any (degrades slowly)",
+            summary="NTK base from the current length; cached keys keep the base they were written with",
         ),
         Method(
             "consistent_ntk",
             # bucket 256: a 16k forward past an 8k trained length runs 33 query groups instead of 8193
             {"alpha": 2.0, "bucket": 256},
+            _dynamic_ntk,
             dynamic=True,
             consistent=True,
-            summary="dynamic NTK with every cached key re-rotated to the current base",
+            reaches="any (degrades slowly)",
+            summary="dynamic NTK where each query and every key it reads use the base of the query's length",
+        ),
+        Method("yarn", dict(_YARN_KNOBS), _yarn, reaches="factor*T", summary="YaRN: NTK-by-parts + temperature"),
+        Method(
+            "ntk_by_parts",
+            dict(_YARN_KNOBS),
+            _ntk_by_parts,
+            reaches="factor*T",
+            summary="interpolate low frequencies by factor, keep high ones (YaRN without its temperature)",
         ),
         Method(
-            "yarn",
-            {"factor": 2.0, "beta_fast": 32.0, "beta_slow": 1.0},
-            summary="YaRN: NTK-by-parts interpolation plus attention temperature",
+            "dynamic_yarn",
+            {"beta_fast": 32.0, "beta_slow": 1.0, "bucket": 256},
+            _dynamic_yarn,
+            dynamic=True,
+            consistent=True,
+            reaches="any",
+            summary="YaRN with factor = length/T per query, consistent like consistent_ntk",
+        ),
+        Method(
+            "self_extend",
+            {"group": 4, "window": 1024},
+            far_view=lambda k: self_extend_positions(k["group"], k["window"]),
+            reaches="(T - window) * group + window",
+            summary="Self-Extend: exact positions within window, floor(pos/group) beyond",
+        ),
+        Method(
+            "rerope",
+            {"window": 2048},
+            far_view=lambda k: rerope_positions(k["window"]),
+            reaches="any",
+            summary="ReRoPE: relative positions clipped at window",
+        ),
+        Method(
+            "leaky_rerope",
+            {"window": 2048, "leak": 16.0},
+            far_view=lambda k: leaky_rerope_positions(k["window"], k["leak"]),
+            reaches="window + (T - window) * leak",
+            summary="leaky ReRoPE: relative positions beyond window grow with slope 1/leak",
         ),
     )
 }
@@ -132,11 +226,16 @@ def resolve(model, rope: str = DEFAULT_ROPE, logn: bool = True, train_len: int |
         takes = ", ".join(method.knobs) or "no knobs"
         raise ValueError(f"rope={rope!r} does not take {', '.join(unknown)}; it takes {takes}")
     values = {**method.knobs, **{k: v for k, v in knobs.items() if v is not None}}
-    for name in ("alpha", "factor", "beta_fast", "beta_slow"):
+    for name in ("alpha", "factor", "beta_fast", "beta_slow", "leak"):
         if name in values and not (isinstance(values[name], int | float) and values[name] > 0):
             raise ValueError(f"{name}={values[name]!r} is invalid for rope={rope!r}; it must be a number > 0")
-    if "bucket" in values and not (isinstance(values["bucket"], int) and values["bucket"] >= 1):
-        raise ValueError(f"bucket={values['bucket']!r} is invalid; it must be an integer >= 1 (1 = exact schedule)")
+    for name, meaning in (
+        ("bucket", "1 = exact schedule"),
+        ("group", "keys merged per position"),
+        ("window", "tokens"),
+    ):
+        if name in values and not (isinstance(values[name], int) and values[name] >= 1):
+            raise ValueError(f"{name}={values[name]!r} is invalid; it must be an integer >= 1 ({meaning})")
 
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -157,6 +256,11 @@ def resolve(model, rope: str = DEFAULT_ROPE, logn: bool = True, train_len: int |
             raise ValueError(f"{name}={value!r} is invalid; it must be an integer > 1 (or None for the model's own)")
     backend = _stock_backend(config)
     check_backend(backend)
+    if method.far_view is not None and backend == "flash_attention_2":
+        raise ValueError(
+            f"rope={rope!r} merges two position views before the softmax, which flash-attn cannot express; "
+            "use attention=sdpa, eager or flex_attention"
+        )
     train_len = train_len or trained_length(config)
     return Settings(method, values, bool(logn), train_len, logn_len or train_len)
 
@@ -187,17 +291,16 @@ def _stock_backend(config) -> str:
 class DynamicRotary(nn.Module):
     """Rotary embedding whose frequencies follow the current sequence length (largest position + 1)."""
 
-    def __init__(self, stock: nn.Module, frequencies: Callable[[int, torch.device], torch.Tensor]):
+    def __init__(self, stock: nn.Module, frequencies: Callable[[int, torch.device], Rope]):
         super().__init__()
         self.stock = stock
         self.frequencies = frequencies
-        self.attention_scaling = stock.attention_scaling
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.frequencies(int(position_ids.max()) + 1, x.device)
-        freqs = position_ids[..., None].float() * inv_freq
+        rope = self.frequencies(int(position_ids.max()) + 1, x.device)
+        freqs = position_ids[..., None].float() * rope.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+        return (emb.cos() * rope.scale).to(x.dtype), (emb.sin() * rope.scale).to(x.dtype)
 
 
 @dataclass
@@ -206,9 +309,9 @@ class ForwardPlan:
 
     positions: torch.Tensor  # (batch or 1, q_len) position ids of this forward's queries
     query_scale: torch.Tensor | None  # (batch or 1, 1, q_len, 1) LogN factors, None when all are 1
-    groups: list[tuple[int, int, torch.Tensor]]  # (start, end, inv_freq) query runs sharing a base; [] = one base
-    final_inv_freq: torch.Tensor | None  # the frequencies the rotary embedding used for this forward
-    rotations: dict = field(default_factory=dict)  # memo of per-group cos/sin and masks, shared across layers
+    rope: Rope  # the frequencies the rotary embedding used for this forward
+    groups: list[tuple[int, int, Rope]]  # (start, end, rope) query runs sharing a base; [] = one base
+    memo: dict = field(default_factory=dict)  # per-group rotations and masks, shared across layers
 
 
 @dataclass
@@ -222,40 +325,26 @@ class PatchState:
     stock_rotary: nn.Module
     stock_inv_freq: torch.Tensor
     stock_attention_scaling: float
-    frequencies: Callable[[int, torch.device], torch.Tensor]
+    frequencies: Callable[[int, torch.device], Rope]
+    far_view: PositionMap | None = None
     hook: Any = None
     plan: ForwardPlan | None = None
-    cache_freqs: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+    cache_ropes: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
 
 
-def _frequency_schedule(model, settings: Settings) -> Callable[[int, torch.device], torch.Tensor]:
-    """The inverse frequencies as a function of (sequence length, device), memoized per scheduled length."""
+def _frequency_schedule(model, settings: Settings) -> Callable[[int, torch.device], Rope]:
+    """The method's frequencies as a function of (sequence length, device), memoized per scheduled length."""
     config = model.config
-    base = float(config.rope_parameters["rope_theta"])
-    dim = rotary_dim(config)
-    knobs = settings.knobs
-    name = settings.method.name
-    if name == "linear":
-        fixed = rope_inv_freq(base, dim) / knobs["factor"]
-    elif name == "ntk":
-        fixed = rope_inv_freq(ntk_base(base, knobs["alpha"], dim), dim)
-    elif name == "yarn":
-        fixed, _ = yarn_frequencies(config, knobs["factor"], settings.train_len, knobs["beta_fast"], knobs["beta_slow"])
-    else:
-        fixed = rope_inv_freq(base, dim)
-    memo: dict[tuple[int, torch.device], torch.Tensor] = {}
+    basis = Basis(config, float(config.rope_parameters["rope_theta"]), rotary_dim(config), settings.train_len)
+    method, knobs = settings.method, settings.knobs
+    memo: dict[tuple[int, torch.device], Rope] = {}
 
-    def frequencies(seq_len: int, device: torch.device) -> torch.Tensor:
-        length = scheduled_length(seq_len, settings.train_len, knobs["bucket"]) if settings.method.dynamic else 0
+    def frequencies(seq_len: int, device: torch.device) -> Rope:
+        length = scheduled_length(seq_len, settings.train_len, knobs["bucket"]) if method.dynamic else 0
         key = (length, torch.device(device))
         if key not in memo:
-            if settings.method.dynamic:
-                fixed_or_dynamic = rope_inv_freq(
-                    dynamic_ntk_base(base, knobs["alpha"], length, settings.train_len, dim), dim
-                )
-            else:
-                fixed_or_dynamic = fixed
-            memo[key] = fixed_or_dynamic.to(device)
+            rope = method.frequencies(basis, knobs, length)
+            memo[key] = Rope(rope.inv_freq.to(device), float(rope.scale))
         return memo[key]
 
     return frequencies
@@ -264,9 +353,9 @@ def _frequency_schedule(model, settings: Settings) -> Callable[[int, torch.devic
 def apply(model, rope: str = DEFAULT_ROPE, logn: bool = True, train_len: int | None = None, **knobs):
     """Patch ``model`` in place with a RoPE method and optional LogN scaling; returns the model.
 
-    ``rope`` is one of ``METHODS``; ``knobs`` are that method's settings (``alpha``, ``bucket``, ``factor``,
-    ``beta_fast``, ``beta_slow``) plus ``logn_len`` (LogN's T, default ``train_len``). ``train_len`` defaults to
-    the model's trained length. A model that is already patched is restored first. Nothing changes on error.
+    ``rope`` is one of ``METHODS``; ``knobs`` are that method's settings (see ``METHODS[rope]`` for the names
+    and defaults) plus ``logn_len`` (LogN's T, default ``train_len``). ``train_len`` defaults to the model's
+    trained length. A model that is already patched is restored first. Nothing changes on error.
     """
     settings = resolve(model, rope, logn, train_len, **knobs)
     remove(model)
@@ -275,6 +364,7 @@ def apply(model, rope: str = DEFAULT_ROPE, logn: bool = True, train_len: int | N
     rotary = _find_rotary(model)
     owner = model.get_decoder() if hasattr(model, "get_decoder") else model
     frequencies = _frequency_schedule(model, settings)
+    method = settings.method
     state = PatchState(
         settings=settings,
         backend=backend,
@@ -284,17 +374,14 @@ def apply(model, rope: str = DEFAULT_ROPE, logn: bool = True, train_len: int | N
         stock_inv_freq=rotary.inv_freq.detach().clone(),
         stock_attention_scaling=rotary.attention_scaling,
         frequencies=frequencies,
+        far_view=method.far_view(settings.knobs) if method.far_view else None,
     )
-    method = settings.method
     if method.dynamic:
         owner.rotary_emb = DynamicRotary(rotary, frequencies)
-    elif method.name != "none":
-        rotary.inv_freq.copy_(frequencies(0, rotary.inv_freq.device))
-        if method.name == "yarn":
-            k = settings.knobs
-            _, rotary.attention_scaling = yarn_frequencies(
-                config, k["factor"], settings.train_len, k["beta_fast"], k["beta_slow"]
-            )
+    elif method.frequencies is not _stock:
+        fixed = frequencies(0, rotary.inv_freq.device)
+        rotary.inv_freq.copy_(fixed.inv_freq)
+        rotary.attention_scaling = fixed.scale
     for module in _attention_modules(model):
         module._enhance_long = state
     _register_backend(backend)
@@ -348,15 +435,15 @@ def _make_pre_hook(state: PatchState):
         query_scale = None
         if settings.logn and seq_len > settings.logn_len:
             query_scale = logn_scale(positions, settings.logn_len)[:, None, :, None]
-        groups, final = [], None
+        rope = state.frequencies(seq_len, positions.device)
+        groups = []
         if settings.method.consistent:
-            final = state.frequencies(seq_len, positions.device)
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             if cache is not None:
-                _sync_cache(state, cache, positions, final)
+                _sync_cache(state, cache, positions, rope)
             if positions.shape[-1] > 1 and seq_len > settings.train_len:
                 groups = _query_groups(state, positions)
-        state.plan = ForwardPlan(positions, query_scale, groups, final)
+        state.plan = ForwardPlan(positions, query_scale, rope, groups)
         return None
 
     return before_forward
@@ -375,7 +462,7 @@ def _positions(args, kwargs) -> torch.Tensor:
     return (torch.arange(inputs.shape[1], device=inputs.device) + past)[None]
 
 
-def _query_groups(state: PatchState, positions: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+def _query_groups(state: PatchState, positions: torch.Tensor) -> list[tuple[int, int, Rope]]:
     """Runs of consecutive queries that share a base; a single run means no grouping is needed.
 
     In a left-padded batch every row takes the base of the longest row at each query index, as transformers does.
@@ -391,20 +478,30 @@ def _query_groups(state: PatchState, positions: torch.Tensor) -> list[tuple[int,
     return groups if len(groups) > 1 else []
 
 
-def _sync_cache(state: PatchState, cache: Cache, positions: torch.Tensor, target: torch.Tensor) -> None:
-    """Re-rotate every key stored in ``cache`` to ``target`` frequencies, in place, when they differ.
+def _rerotation(positions: torch.Tensor, source: Rope, target: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin that turn vectors rotated (and scaled) with ``source`` into ones rotated with ``target``."""
+    cos, sin = rotation_delta(positions, source.inv_freq, target.inv_freq)
+    ratio = target.scale / source.scale
+    return (cos * ratio, sin * ratio) if ratio != 1.0 else (cos, sin)
+
+
+def _same(a: Rope, b: Rope) -> bool:
+    return a is b or (a.scale == b.scale and torch.equal(a.inv_freq, b.inv_freq))
+
+
+def _sync_cache(state: PatchState, cache: Cache, positions: torch.Tensor, target: Rope) -> None:
+    """Re-rotate every key stored in ``cache`` to ``target``, in place, when it was written with other frequencies.
 
     Stored keys sit contiguously right before this forward's tokens (also after a sliding window dropped the
     oldest), so the key in slot j of a layer holding n keys has position ``positions[:, 0] - n + j``.
     """
     if not isinstance(cache, DynamicCache):
         raise ValueError(
-            f"rope='consistent_ntk' re-rotates a DynamicCache, got {type(cache).__name__}; "
+            f"rope={state.settings.method.name!r} re-rotates a DynamicCache, got {type(cache).__name__}; "
             "use the default cache (DynamicCache) or rope='dynamic_ntk'"
         )
-    device = positions.device
-    written = state.cache_freqs.get(cache, state.stock_inv_freq.to(device))
-    if written is not target and not torch.equal(written, target):
+    written = state.cache_ropes.get(cache) or Rope(state.stock_inv_freq.to(positions.device))
+    if not _same(written, target):
         rotations: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in cache.layers:
             keys = getattr(layer, "keys", None)
@@ -412,9 +509,9 @@ def _sync_cache(state: PatchState, cache: Cache, positions: torch.Tensor, target
                 continue
             n = keys.shape[-2]
             if n not in rotations:
-                rotations[n] = rotation_delta(_slot_positions(positions, n, n), written, target)
+                rotations[n] = _rerotation(_slot_positions(positions, n, n), written, target)
             rotate_in_place(keys, *rotations[n])
-    state.cache_freqs[cache] = target
+    state.cache_ropes[cache] = target
 
 
 def _slot_positions(positions: torch.Tensor, n_before: int, n_slots: int) -> torch.Tensor:
@@ -425,11 +522,14 @@ def _slot_positions(positions: torch.Tensor, n_before: int, n_slots: int) -> tor
 
 def _enhanced_attention(backend: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
-        plan = module._enhance_long.plan
-        if plan is not None and plan.query_scale is not None:
+        state: PatchState = module._enhance_long
+        plan = state.plan
+        if plan.query_scale is not None:
             query = query * plan.query_scale.to(query.dtype)
+        if state.far_view is not None:
+            return _two_view(state, module, query, key, value, attention_mask, **kwargs)
         stock = _stock_attention(backend, module)
-        if plan is None or not plan.groups:
+        if not plan.groups:
             return stock(module, query, key, value, attention_mask, **kwargs)
         return _grouped_attention(stock, backend, plan, module, query, key, value, attention_mask, **kwargs)
 
@@ -440,21 +540,21 @@ def _enhanced_attention(backend: str):
 def _grouped_attention(stock, backend, plan: ForwardPlan, module, query, key, value, attention_mask, **kwargs):
     """One stock attention call per group of queries, each with its queries and keys re-rotated to its base.
 
-    The rotary embedding rotated this forward with ``plan.final_inv_freq`` (the last group's); earlier groups
-    see a rotated copy of the query rows they own and of the key prefix they may attend to.
+    The rotary embedding rotated this forward with ``plan.rope`` (the last group's); earlier groups see a
+    re-rotated copy of the query rows they own and of the key prefix they may attend to.
     """
     q_len, kv_len = query.shape[-2], key.shape[-2]
     n_before = kv_len - q_len
     outputs = []
-    for start, end, inv_freq in plan.groups:
+    for start, end, rope in plan.groups:
         kv_end = n_before + end
         q, k, v = query[:, :, start:end], key[:, :, :kv_end], value[:, :, :kv_end]
-        if inv_freq is not plan.final_inv_freq:
-            memo_key = (start, kv_len)
-            if memo_key not in plan.rotations:
+        if rope is not plan.rope:
+            memo_key = ("rotation", start, kv_len)
+            if memo_key not in plan.memo:
                 slots = _slot_positions(plan.positions, n_before, kv_end)
-                plan.rotations[memo_key] = rotation_delta(slots, plan.final_inv_freq, inv_freq)
-            cos, sin = plan.rotations[memo_key]
+                plan.memo[memo_key] = _rerotation(slots, plan.rope, rope)
+            cos, sin = plan.memo[memo_key]
             q, k = q.clone(), k.clone()
             rotate_in_place(q, cos[:, n_before + start :], sin[:, n_before + start :])
             rotate_in_place(k, cos, sin)
@@ -462,6 +562,11 @@ def _grouped_attention(stock, backend, plan: ForwardPlan, module, query, key, va
         output, _ = stock(module, q, k, v, mask, **kwargs)
         outputs.append(output)
     return torch.cat(outputs, dim=1), None
+
+
+def _causal(n_before: int, start: int, end: int, kv_end: int, device) -> torch.Tensor:
+    """(end - start, kv_end) bool: query i of this forward may see key slots up to n_before + i."""
+    return torch.arange(kv_end, device=device)[None, :] <= n_before + torch.arange(start, end, device=device)[:, None]
 
 
 def _group_mask(backend, plan: ForwardPlan, attention_mask, start, end, n_before, kv_end, query):
@@ -474,9 +579,7 @@ def _group_mask(backend, plan: ForwardPlan, attention_mask, start, end, n_before
     if attention_mask is not None:
         return attention_mask[:, :, start:end, :kv_end]
     # no mask means plain causal over this forward; a group needs it bottom-right aligned, so build it
-    allowed = torch.arange(kv_end, device=query.device)[None, :] <= (
-        n_before + torch.arange(start, end, device=query.device)[:, None]
-    )
+    allowed = _causal(n_before, start, end, kv_end, query.device)
     if backend == "eager":
         return torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~allowed, torch.finfo(query.dtype).min
@@ -488,16 +591,49 @@ def _flex_group_mask(plan: ForwardPlan, block_mask, start, end, kv_end, query):
     from torch.nn.attention.flex_attention import create_block_mask
 
     memo_key = ("flex", start, kv_end)
-    if memo_key not in plan.rotations:
+    if memo_key not in plan.memo:
         full = block_mask.mask_mod
 
         def shifted(b, h, q_idx, kv_idx):
             return full(b, h, q_idx + start, kv_idx)
 
-        plan.rotations[memo_key] = create_block_mask(
+        plan.memo[memo_key] = create_block_mask(
             shifted, B=block_mask.shape[0], H=None, Q_LEN=end - start, KV_LEN=kv_end, device=query.device
         )
-    return plan.rotations[memo_key]
+    return plan.memo[memo_key]
+
+
+def _two_view(state: PatchState, module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Self-Extend / ReRoPE attention: exact scores within the window, the far view beyond, one softmax."""
+    plan = state.plan
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    n_before = kv_len - q_len
+    k_pos = _slot_positions(plan.positions, n_before, kv_len)
+
+    def allowed(start: int, end: int) -> torch.Tensor:
+        if attention_mask is None:
+            return _causal(n_before, start, end, kv_len, query.device)[None, None]
+        if torch.is_tensor(attention_mask):
+            rows = attention_mask[:, :, start:end, :kv_len]
+            return rows if rows.dtype == torch.bool else rows == 0
+        index = torch.arange(kv_len, device=query.device)
+        batch = torch.arange(attention_mask.shape[0], device=query.device)[:, None, None, None]
+        q_idx = torch.arange(start, end, device=query.device)[None, None, :, None]
+        return attention_mask.mask_mod(batch, torch.zeros_like(batch), q_idx, index[None, None, None, :])
+
+    output = two_view_attention(
+        query,
+        key,
+        value,
+        plan.positions,
+        k_pos,
+        state.far_view,
+        state.settings.knobs["window"],
+        plan.rope.inv_freq,
+        module.scaling if scaling is None else scaling,
+        allowed,
+    )
+    return output, None
 
 
 def _stock_attention(backend: str, module) -> Callable:

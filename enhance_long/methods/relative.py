@@ -1,0 +1,98 @@
+"""Methods that remap relative positions beyond a window: Self-Extend, ReRoPE and leaky ReRoPE.
+
+Each keeps exact positions for keys within ``window`` tokens of the query and gives farther keys a second,
+"far" view: the query at position ``qf(i)`` and the key at ``kf(j)``, so their relative position is
+``qf(i) - kf(j)``. Both views' scores are merged before one softmax:
+
+    score(i, j) = q_i . k_j                    if i - j < window   (exact RoPE)
+                = q_i@qf(i) . k_j@kf(j)        otherwise           (far view)
+
+* Self-Extend (Jin et al. 2024, "LLM Maybe LongLM"): ``qf(i) = i // G + W - W // G``, ``kf(j) = j // G``:
+  far keys are grouped G at a time and the query is shifted so both views meet at the window's edge.
+* ReRoPE (Su 2023): ``qf(i) = w``, ``kf(j) = 0``: every far key sits at relative position exactly w.
+* Leaky ReRoPE: ``qf(i) = w + (i - w) / k``, ``kf(j) = j / k``: far relative positions grow with slope 1/k,
+  ``w + (i - j - w) / k``, so they stay inside the trained range for k >= (L - w) / (T - w).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from enhance_long.methods.ntk import rotate_in_place
+
+PositionMap = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def self_extend_positions(group: int, window: int) -> PositionMap:
+    def far(q_pos: torch.Tensor, k_pos: torch.Tensor):
+        return q_pos // group + (window - window // group), k_pos // group
+
+    return far
+
+
+def rerope_positions(window: int) -> PositionMap:
+    def far(q_pos: torch.Tensor, k_pos: torch.Tensor):
+        return torch.full_like(q_pos, window), torch.zeros_like(k_pos)
+
+    return far
+
+
+def leaky_rerope_positions(window: int, leak: float) -> PositionMap:
+    def far(q_pos: torch.Tensor, k_pos: torch.Tensor):
+        return window + (q_pos.double() - window) / leak, k_pos.double() / leak
+
+    return far
+
+
+def move_positions(x: torch.Tensor, from_pos: torch.Tensor, to_pos: torch.Tensor, inv_freq: torch.Tensor):
+    """A copy of ``x`` (batch, heads, seq, dim), rotated at ``from_pos`` (batch, seq), re-rotated to ``to_pos``.
+
+    The angle difference is formed in float64 so fractional positions (leaky ReRoPE) stay exact enough.
+    """
+    angle = (to_pos.double() - from_pos.double())[..., None] * inv_freq.double()
+    moved = x.clone()
+    rotate_in_place(moved, angle.cos().float(), angle.sin().float())
+    return moved
+
+
+def two_view_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    far_positions: PositionMap,
+    window: int,
+    inv_freq: torch.Tensor,
+    scaling: float,
+    allowed: Callable[[int, int], torch.Tensor],
+    max_block_elements: int = 1 << 25,
+) -> torch.Tensor:
+    """Attention whose scores come from the exact view within ``window`` and the far view beyond it.
+
+    ``query`` (batch, heads, q, dim) and ``key``/``value`` (batch, kv_heads, kv, dim) are rotated at their exact
+    positions ``q_pos`` (batch or 1, q) and ``k_pos`` (batch or 1, kv). ``allowed(start, end)`` gives the
+    boolean mask (batch or 1, 1, end - start, kv) of the keys queries start..end-1 may see (causal, padding).
+    Queries are processed in blocks so at most ``max_block_elements`` scores exist at once: memory grows with
+    the number of keys, never with keys x queries. Returns (batch, q, heads, dim), as transformers' backends do.
+    """
+    q_far_pos, k_far_pos = far_positions(q_pos, k_pos)
+    query_far = move_positions(query, q_pos, q_far_pos, inv_freq)
+    key_far = move_positions(key, k_pos, k_far_pos, inv_freq)
+    groups = query.shape[1] // key.shape[1]
+    key, key_far, value = (t.repeat_interleave(groups, dim=1) for t in (key, key_far, value))
+    batch, heads, q_len, _ = query.shape
+    block = max(1, max_block_elements // max(1, batch * heads * key.shape[-2]))
+    outputs = []
+    for start in range(0, q_len, block):
+        end = min(start + block, q_len)
+        near = torch.matmul(query[:, :, start:end], key.transpose(-1, -2))
+        far = torch.matmul(query_far[:, :, start:end], key_far.transpose(-1, -2))
+        distance = q_pos[:, start:end, None] - k_pos[:, None, :]
+        scores = torch.where((distance < window)[:, None], near, far).float() * scaling
+        scores = scores.masked_fill(~allowed(start, end), float("-inf"))
+        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(value.dtype)
+        outputs.append(torch.matmul(weights, value))
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()

@@ -39,7 +39,7 @@ from transformers import (
 )
 
 from enhance_long import assets
-from enhance_long.patch import trained_length
+from enhance_long.patch import check_backend, trained_length
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +168,7 @@ def load_model(model_cfg: Mapping, attention: str = "sdpa") -> tuple[PreTrainedM
     if dtype_name not in DTYPES:
         raise ValueError(f"model.dtype={dtype_name!r} is not one of {list(DTYPES)}; set model.dtype=bfloat16 or so")
     dtype = DTYPES[dtype_name]
+    check_backend(attention)  # before transformers, which would otherwise fetch a flash kernel from the hub
     path = model_cfg.get("path")
 
     if model_cfg.get("random") is not None:

@@ -9,14 +9,16 @@ TRAIN_LEN = 32  # trained context of the tiny models; tests run to 3x this
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def tiny_model(family: str = "llama", attention: str = "sdpa", rope_parameters: dict | None = None, seed: int = 0):
-    """A 2-layer random model of ``family`` with GQA (4 query heads, 2 key/value heads), fp32, eval mode."""
+def tiny_model(
+    family: str = "llama", attention: str = "sdpa", rope_parameters: dict | None = None, seed: int = 0, layers: int = 2
+):
+    """A random model (2 layers by default) of ``family`` with GQA (4 query heads, 2 key/value heads), fp32, eval mode."""
     config = AutoConfig.for_model(
         family,
         vocab_size=97,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,

@@ -1,0 +1,171 @@
+"""The methods beyond the original tool: NTK-by-parts, dynamic YaRN, Self-Extend, ReRoPE and leaky ReRoPE.
+
+Oracles: Hugging Face's YaRN where it has the method, and for the position-remapping methods a deliberately
+naive implementation that un-rotates the stock model's queries and keys and scores every (query, key) pair at
+the relative position the paper defines.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import TRAIN_LEN, tiny_model
+from test_patch import logits, step_by_step_errors
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+import enhance_long
+from enhance_long.methods import rope_inv_freq, rotate_in_place
+
+T = TRAIN_LEN
+THETA = 10000.0
+
+
+def yarn_reference(factor: float, layers: int = 2, attention_factor: float | None = None):
+    rope = {"rope_type": "yarn", "factor": factor, "rope_theta": THETA, "original_max_position_embeddings": T}
+    if attention_factor is not None:
+        rope["attention_factor"] = attention_factor
+    return tiny_model(rope_parameters=rope, layers=layers)
+
+
+def test_ntk_by_parts_is_yarn_without_its_temperature(ids):
+    model = enhance_long.apply(tiny_model(), rope="ntk_by_parts", factor=4.0, logn=False)
+    torch.testing.assert_close(logits(model, ids), logits(yarn_reference(4.0, attention_factor=1.0), ids))
+
+
+def test_dynamic_yarn_is_the_stock_model_inside_the_trained_length(ids):
+    model = enhance_long.apply(tiny_model(), rope="dynamic_yarn", logn=False, bucket=1)
+    torch.testing.assert_close(logits(model, ids[:, :T]), logits(tiny_model(), ids[:, :T]), rtol=0, atol=1e-5)
+
+
+def test_dynamic_yarn_gives_each_query_yarn_at_its_own_length(ids):
+    # with one layer, the output at position i depends only on that query's frequencies and the embeddings
+    model = enhance_long.apply(tiny_model(layers=1), rope="dynamic_yarn", logn=False, bucket=1)
+    ours = logits(model, ids)
+    for position in (T, 2 * T - 1, 3 * T - 1):
+        reference = logits(yarn_reference((position + 1) / T, layers=1), ids[:, : position + 1])
+        torch.testing.assert_close(ours[:, position], reference[:, -1], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("rope", ["dynamic_yarn", "consistent_ntk"])
+def test_consistent_methods_match_one_layer_oracles_at_every_position(rope, ids):
+    model = enhance_long.apply(tiny_model(layers=1), rope=rope, logn=False, bucket=1)
+    ours = logits(model, ids)
+    for position in (T + 3, 2 * T + 5):
+        length = position + 1
+        reference = (
+            yarn_reference(length / T, layers=1)
+            if rope == "dynamic_yarn"
+            else tiny_model(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": THETA}, layers=1)
+        )
+        torch.testing.assert_close(ours[:, position], logits(reference, ids[:, :length])[:, -1], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("bucket", [1, 8])
+def test_dynamic_yarn_cached_generation_equals_full_forward(bucket, ids):
+    model = enhance_long.apply(tiny_model(), rope="dynamic_yarn", bucket=bucket)
+    assert max(step_by_step_errors(model, ids, T // 2)) < 1e-5
+
+
+def relative_position(rope: str, knobs: dict, i: int, j: int) -> float:
+    """The papers' relative position of query i and key j, written out case by case."""
+    window = knobs["window"]
+    if i - j < window:
+        return i - j
+    if rope == "self_extend":
+        group = knobs["group"]
+        return (i // group + window - window // group) - j // group
+    if rope == "rerope":
+        return window
+    return window + (i - j - window) / knobs["leak"]
+
+
+def oracle_attention(rope: str, knobs: dict):
+    """Attention over un-rotated queries and keys, each pair scored at its relative position (no cache)."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        inv_freq = rope_inv_freq(THETA, query.shape[-1])
+        n = query.shape[2]
+        unrotate = -torch.arange(n, dtype=torch.float64)[:, None] * inv_freq.double()
+        q, k = query.clone(), key.clone()
+        for x in (q, k):
+            rotate_in_place(x, unrotate.cos().float()[None], unrotate.sin().float()[None])
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = value.repeat_interleave(q.shape[1] // value.shape[1], dim=1)
+        out = torch.zeros_like(q)
+        for i in range(n):
+            rel = torch.tensor([relative_position(rope, knobs, i, j) for j in range(i + 1)], dtype=torch.float64)
+            angle = rel[:, None] * inv_freq.double()
+            qi = q[:, :, i : i + 1].expand(-1, -1, i + 1, -1).clone()
+            rotate_in_place(qi, angle.cos().float()[None], angle.sin().float()[None])
+            scores = (qi * k[:, :, : i + 1]).sum(-1) * scaling
+            out[:, :, i] = torch.einsum("bhj,bhjd->bhd", scores.softmax(-1), v[:, :, : i + 1])
+        return out.transpose(1, 2), None
+
+    return attention
+
+
+REMAPPING = [
+    ("self_extend", {"group": 3, "window": 8}),
+    ("rerope", {"window": 12}),
+    ("leaky_rerope", {"window": 12, "leak": 4.0}),
+]
+
+
+@pytest.mark.parametrize("rope,knobs", REMAPPING)
+def test_position_remapping_methods_match_a_pairwise_oracle(rope, knobs, ids):
+    name = f"oracle_{rope}"
+    AttentionInterface.register(name, oracle_attention(rope, knobs))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    reference = tiny_model(attention=name)
+    for backend in ("eager", "sdpa", "flex_attention"):
+        model = enhance_long.apply(tiny_model(attention=backend), rope=rope, logn=False, **knobs)
+        torch.testing.assert_close(logits(model, ids), logits(reference, ids), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("rope,knobs", REMAPPING)
+def test_position_remapping_methods_are_consistent_with_the_cache(rope, knobs, ids):
+    model = enhance_long.apply(tiny_model(), rope=rope, logn=True, **knobs)
+    assert max(step_by_step_errors(model, ids, T // 2)) < 1e-5
+    cache = DynamicCache(config=model.config)
+    chunks = [logits(model, ids[:, s : s + 11], cache=cache, use_cache=True) for s in range(0, ids.shape[1], 11)]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), logits(model, ids), rtol=0, atol=2e-5)
+
+
+def test_position_remapping_is_the_stock_model_within_its_window(ids):
+    stock = logits(tiny_model(), ids[:, :20])
+    for rope, knobs in (("self_extend", {"group": 4, "window": 20}), ("rerope", {"window": 20})):
+        model = enhance_long.apply(tiny_model(), rope=rope, logn=False, **knobs)
+        torch.testing.assert_close(logits(model, ids[:, :20]), stock, rtol=0, atol=1e-5)
+
+
+def test_position_remapping_keeps_far_relative_positions_inside_the_trained_range():
+    knobs = {"group": 4, "window": 8}
+    assert relative_position("self_extend", knobs, 3 * T - 1, 0) < T  # 95 // 4 + 8 - 2 = 29
+    assert relative_position("leaky_rerope", {"window": 8, "leak": 4.0}, 3 * T - 1, 0) == pytest.approx(8 + 87 / 4)
+    assert math.isclose(relative_position("rerope", {"window": 8}, 3 * T - 1, 0), 8)
+
+
+def test_flash_attention_is_refused_for_position_remapping(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = tiny_model()
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="rope='rerope' merges two position views .* use attention=sdpa"):
+        enhance_long.apply(model, rope="rerope")
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"rope": "self_extend", "group": 0}, "group=0 is invalid; it must be an integer >= 1"),
+        ({"rope": "rerope", "window": 2.5}, "window=2.5 is invalid; it must be an integer >= 1"),
+        ({"rope": "leaky_rerope", "leak": 0}, "leak=0 is invalid for rope='leaky_rerope'"),
+        ({"rope": "dynamic_yarn", "alpha": 2.0}, "rope='dynamic_yarn' does not take alpha"),
+    ],
+)
+def test_bad_knobs_of_the_new_methods(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        enhance_long.apply(tiny_model(), **kwargs)

@@ -40,6 +40,7 @@ from enhance_long.methods.ntk import (
     ntk_base,
     rope_inv_freq,
     rotate_in_place,
+    rotated,
     rotation_delta,
     scheduled_length,
 )
@@ -288,28 +289,13 @@ def _stock_backend(config) -> str:
     return name.removeprefix(ATTENTION_PREFIX)
 
 
-class DynamicRotary(nn.Module):
-    """Rotary embedding whose frequencies follow the current sequence length (largest position + 1)."""
-
-    def __init__(self, stock: nn.Module, frequencies: Callable[[int, torch.device], Rope]):
-        super().__init__()
-        self.stock = stock
-        self.frequencies = frequencies
-
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rope = self.frequencies(int(position_ids.max()) + 1, x.device)
-        freqs = position_ids[..., None].float() * rope.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * rope.scale).to(x.dtype), (emb.sin() * rope.scale).to(x.dtype)
-
-
 @dataclass
 class ForwardPlan:
     """What the pre-hook derives once per forward and every attention layer reuses."""
 
     positions: torch.Tensor  # (batch or 1, q_len) position ids of this forward's queries
     query_scale: torch.Tensor | None  # (batch or 1, 1, q_len, 1) LogN factors, None when all are 1
-    rope: Rope  # the frequencies the rotary embedding used for this forward
+    rope: Rope  # the frequencies the rotary embedding uses in this forward (those of its largest query group)
     groups: list[tuple[int, int, Rope]]  # (start, end, rope) query runs sharing a base; [] = one base
     memo: dict = field(default_factory=dict)  # per-group rotations and masks, shared across layers
 
@@ -330,6 +316,21 @@ class PatchState:
     hook: Any = None
     plan: ForwardPlan | None = None
     cache_ropes: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+
+
+class DynamicRotary(nn.Module):
+    """Rotary embedding whose frequencies are chosen per forward by the pre-hook (``PatchState.plan.rope``)."""
+
+    def __init__(self, stock: nn.Module, state: PatchState):
+        super().__init__()
+        self.stock = stock
+        self.state = state
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rope = self.state.plan.rope
+        freqs = position_ids[..., None].float() * rope.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * rope.scale).to(x.dtype), (emb.sin() * rope.scale).to(x.dtype)
 
 
 def _frequency_schedule(model, settings: Settings) -> Callable[[int, torch.device], Rope]:
@@ -377,7 +378,7 @@ def apply(model, rope: str = DEFAULT_ROPE, logn: bool = True, train_len: int | N
         far_view=method.far_view(settings.knobs) if method.far_view else None,
     )
     if method.dynamic:
-        owner.rotary_emb = DynamicRotary(rotary, frequencies)
+        owner.rotary_emb = DynamicRotary(rotary, state)
     elif method.frequencies is not _stock:
         fixed = frequencies(0, rotary.inv_freq.device)
         rotary.inv_freq.copy_(fixed.inv_freq)
@@ -438,11 +439,14 @@ def _make_pre_hook(state: PatchState):
         rope = state.frequencies(seq_len, positions.device)
         groups = []
         if settings.method.consistent:
+            if positions.shape[-1] > 1 and seq_len > settings.train_len:
+                groups = _query_groups(state, positions)
+            if groups:
+                # rotate with the largest group's frequencies so the fewest queries and keys need re-rotating
+                rope = max(groups, key=lambda group: group[1] - group[0])[2]
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             if cache is not None:
                 _sync_cache(state, cache, positions, rope)
-            if positions.shape[-1] > 1 and seq_len > settings.train_len:
-                groups = _query_groups(state, positions)
         state.plan = ForwardPlan(positions, query_scale, rope, groups)
         return None
 
@@ -540,7 +544,7 @@ def _enhanced_attention(backend: str):
 def _grouped_attention(stock, backend, plan: ForwardPlan, module, query, key, value, attention_mask, **kwargs):
     """One stock attention call per group of queries, each with its queries and keys re-rotated to its base.
 
-    The rotary embedding rotated this forward with ``plan.rope`` (the last group's); earlier groups see a
+    The rotary embedding rotated this forward with ``plan.rope`` (the largest group's); other groups see a
     re-rotated copy of the query rows they own and of the key prefix they may attend to.
     """
     q_len, kv_len = query.shape[-2], key.shape[-2]
@@ -555,9 +559,8 @@ def _grouped_attention(stock, backend, plan: ForwardPlan, module, query, key, va
                 slots = _slot_positions(plan.positions, n_before, kv_end)
                 plan.memo[memo_key] = _rerotation(slots, plan.rope, rope)
             cos, sin = plan.memo[memo_key]
-            q, k = q.clone(), k.clone()
-            rotate_in_place(q, cos[:, n_before + start :], sin[:, n_before + start :])
-            rotate_in_place(k, cos, sin)
+            q = rotated(q, cos[:, n_before + start :], sin[:, n_before + start :])
+            k = rotated(k, cos, sin)
         mask = _group_mask(backend, plan, attention_mask, start, end, n_before, kv_end, query)
         output, _ = stock(module, q, k, v, mask, **kwargs)
         outputs.append(output)
@@ -578,7 +581,9 @@ def _group_mask(backend, plan: ForwardPlan, attention_mask, start, end, n_before
         return _flex_group_mask(plan, attention_mask, start, end, kv_end, query)
     if attention_mask is not None:
         return attention_mask[:, :, start:end, :kv_end]
-    # no mask means plain causal over this forward; a group needs it bottom-right aligned, so build it
+    if n_before + start == 0:
+        return None  # a group starting at key 0 is plain causal: the backend's own fast path applies
+    # otherwise a group's causal mask is bottom-right aligned, which "no mask" does not mean: build it
     allowed = _causal(n_before, start, end, kv_end, query.device)
     if backend == "eager":
         return torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(

@@ -57,8 +57,8 @@ def test_dynamic_ntk_matches_transformers_dynamic_frequencies():
 
 
 def test_scheduled_length_buckets_only_past_train_len():
-    assert [scheduled_length(n, 100, 1) for n in (1, 100, 101, 357)] == [1, 100, 101, 357]
-    assert [scheduled_length(n, 100, 64) for n in (50, 100, 101, 164, 165)] == [50, 100, 164, 164, 228]
+    assert [scheduled_length(n, 100, 1) for n in (1, 100, 101, 357)] == [100, 100, 101, 357]
+    assert [scheduled_length(n, 100, 64) for n in (50, 100, 101, 164, 165)] == [100, 100, 164, 164, 228]
 
 
 def test_rotation_delta_turns_one_rotation_into_another():

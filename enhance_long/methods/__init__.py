@@ -6,6 +6,7 @@ from enhance_long.methods.ntk import (
     ntk_base,
     rope_inv_freq,
     rotate_in_place,
+    rotated,
     rotation_delta,
     scheduled_length,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "ntk_base",
     "rope_inv_freq",
     "rotate_in_place",
+    "rotated",
     "rotation_delta",
     "scheduled_length",
     "yarn_frequencies",

@@ -39,13 +39,13 @@ def dynamic_ntk_base(base: float, alpha: float, seq_len: int, train_len: int, di
 def scheduled_length(seq_len: int, train_len: int, bucket: int) -> int:
     """The length a bucketed dynamic schedule computes its base from.
 
-    Up to ``train_len`` it is ``seq_len`` itself (the base stays the stock one there); past it, it is rounded up
-    to ``train_len + k * bucket``, so the base changes only every ``bucket`` tokens. That is what lets cached
-    generation re-rotate its keys rarely, and a single forward process its queries in few groups. ``bucket=1``
-    is the exact per-token schedule (transformers' own).
+    Up to ``train_len`` it is ``train_len`` (the dynamic methods use the stock frequencies there); past it,
+    ``seq_len`` rounded up to ``train_len + k * bucket``, so the base changes only every ``bucket`` tokens. That
+    is what lets cached generation re-rotate its keys rarely, and a single forward process its queries in few
+    groups. ``bucket=1`` is the exact per-token schedule (transformers' own).
     """
     if seq_len <= train_len:
-        return seq_len
+        return train_len
     return train_len + math.ceil((seq_len - train_len) / bucket) * bucket
 
 
@@ -64,16 +64,20 @@ def rotation_delta(
     return angle.cos().float(), angle.sin().float()
 
 
-def rotate_in_place(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Rotate ``keys`` (batch, heads, seq, dim) in place by per-position angles in the rotate-half layout.
+def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` (batch, heads, seq, dim) rotated by per-position angles in the rotate-half layout, as a new tensor.
 
     ``cos``/``sin`` have shape (batch, seq, dim/2); the first and second halves of the last dimension are the
-    two coordinates of each rotated pair, as in transformers' ``rotate_half``.
+    two coordinates of each rotated pair, as in transformers' ``rotate_half``. Computed in float32.
     """
-    half = keys.shape[-1] // 2
+    half = x.shape[-1] // 2
     cos = cos[:, None].to(torch.float32)
     sin = sin[:, None].to(torch.float32)
-    x1 = keys[..., :half].float()
-    x2 = keys[..., half:].float()
-    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    keys.copy_(rotated)
+    x1 = x[..., :half].float()
+    x2 = x[..., half:].float()
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def rotate_in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """:func:`rotated`, written back into ``x`` (a KV cache's keys keep their storage)."""
+    x.copy_(rotated(x, cos, sin))

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from enhance_long.methods.ntk import rotate_in_place
+from enhance_long.methods.ntk import rotated
 
 PositionMap = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -52,9 +52,7 @@ def move_positions(x: torch.Tensor, from_pos: torch.Tensor, to_pos: torch.Tensor
     The angle difference is formed in float64 so fractional positions (leaky ReRoPE) stay exact enough.
     """
     angle = (to_pos.double() - from_pos.double())[..., None] * inv_freq.double()
-    moved = x.clone()
-    rotate_in_place(moved, angle.cos().float(), angle.sin().float())
-    return moved
+    return rotated(x, angle.cos().float(), angle.sin().float())
 
 
 def two_view_attention(

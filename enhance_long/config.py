@@ -1,0 +1,294 @@
+"""Structured-config schemas for ``run.py`` and the checks Hydra's types cannot express.
+
+The schemas are registered in Hydra's ConfigStore on import, so composing ``conf/config.yaml`` type-checks every
+group: a misspelt key or a wrong type fails at composition time, with Hydra's message, before any model is loaded.
+:func:`validate` then refuses nonsense values (``ctx=0``, ``rope.alpha=-1``, a passkey depth of 2, ...) with a
+one-line :class:`ConfigError` that names the value, what is allowed, and the fix.
+
+Experiments are the YAML files under ``experiments/`` at the repository root; each is registered as an option
+of the ``experiment`` group (``python run.py experiment=quick``) with the package its ``# @package`` header names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+ATTENTION_BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
+LOGGERS = ("none", "wandb")
+WANDB_MODES = ("online", "offline", "disabled")
+DATA_SOURCES = ("canterbury", "hf", "local")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message is one line with the fix."""
+
+
+@dataclass
+class RandomModelConfig:
+    """A tiny randomly initialised Llama with an offline tokenizer (tests, smoke runs)."""
+
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 128
+    max_position_embeddings: int = 256
+    rope_theta: float = 10000.0
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short name used in result rows and tables
+    path: str | None = None  # hub id or local directory
+    gguf_file: str | None = None  # a GGUF file inside ``path``
+    revision: str | None = None
+    train_len: int | None = None  # trained context length; None = read from the model config
+    dtype: str | None = None
+    device_map: str | None = None  # "auto" spreads a large model over the available devices
+    cache_dir: str | None = None
+    random: RandomModelConfig | None = None  # set = build a tiny random model instead of loading weights
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    source: str = "canterbury"  # canterbury | hf | local
+    path: Any = None  # a path, glob, or list of them (local); dataset id (hf)
+    config_name: str | None = None
+    split: str | None = None
+    text_field: str | None = None
+    max_docs: int | None = None
+
+
+@dataclass
+class RopeConfig:
+    """Every rope option carries every knob; the runner passes only those the chosen method takes."""
+
+    name: str = MISSING
+    alpha: float | None = None  # ntk, dynamic_ntk, consistent_ntk
+    bucket: int | None = None  # dynamic_ntk, consistent_ntk, dynamic_yarn
+    factor: float | None = None  # linear, yarn, ntk_by_parts
+    beta_fast: float | None = None  # yarn, ntk_by_parts, dynamic_yarn
+    beta_slow: float | None = None  # yarn, ntk_by_parts, dynamic_yarn
+    group: int | None = None  # self_extend
+    window: int | None = None  # self_extend, rerope, leaky_rerope
+    leak: float | None = None  # leaky_rerope: slope 1/leak beyond the window
+
+
+@dataclass
+class LognConfig:
+    enabled: bool = True
+    len: int | None = None  # LogN's T; None = the trained length
+
+
+@dataclass
+class AttentionConfig:
+    name: str = "sdpa"
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb
+    project: str = "enhance-long"
+    entity: str | None = None
+    mode: str | None = None  # online | offline | disabled; None = $WANDB_MODE, else online
+    tags: list[str] = field(default_factory=list)
+    init_timeout: float = 30.0
+
+
+@dataclass
+class PerplexityConfig:
+    name: str = "perplexity"
+    mode: str = "sliding"  # sliding | cached
+    stride: int | None = None  # None = ctx (non-overlapping windows)
+    max_windows: int | None = 1  # per length, round-robin over documents; None = every full window
+    min_tokens: int | None = None  # documents shorter than max(ctx, min_tokens) are skipped
+    buckets: int = 8  # position buckets over [0, ctx)
+    chunk: int = 1024  # positions per lm_head call, and per forward in mode=cached
+    prefill: int | None = None  # mode=cached: tokens in the first forward; None = chunk
+
+
+@dataclass
+class PasskeyConfig:
+    name: str = "passkey"
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    trials: int = 5
+    key_digits: int = 5
+    max_new_tokens: int = 8
+
+
+@dataclass
+class RunConfig:
+    name: str = "${task.name}"  # names the output folder: outputs/<name>/..., multirun/<name>/...
+    model: ModelConfig = MISSING
+    rope: RopeConfig = MISSING
+    logn: LognConfig = MISSING
+    attention: AttentionConfig = MISSING
+    task: Any = MISSING  # typed by the task's own schema (task/perplexity.yaml lists perplexity_schema)
+    data: DataConfig = MISSING
+    logger: LoggerConfig = MISSING
+    ctx: int | None = None  # one context length; overrides ctxs
+    ctxs: list[int] = field(default_factory=lambda: [4096, 8192, 16384])
+    baseline: bool = False  # also measure the stock model (rope=none, logn off) for the table
+    seed: int = 0
+    resume: bool = True  # skip cells already in results.jsonl
+    progress: bool = True  # progress bars
+    per_task: dict[str, Any] = field(default_factory=dict)  # task name -> overrides of this config for that task
+
+
+def task_settings(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with ``per_task[<task name>]`` merged over it, so one experiment can sweep several tasks, each with
+    its own lengths and knobs (``per_task: {passkey: {ctxs: [8192], task: {trials: 2}}}``)."""
+    overrides = cfg.per_task.get(cfg.task.name)
+    if not overrides:
+        return cfg
+    unknown = sorted(set(overrides) - set(cfg) - {"per_task"})
+    if unknown:
+        raise ConfigError(
+            f"per_task.{cfg.task.name} sets {', '.join(unknown)}, which are not config keys; "
+            f"use top-level keys such as ctxs or task"
+        )
+    merged = OmegaConf.merge(cfg, overrides)
+    merged.per_task = {}
+    return merged
+
+
+def experiment_package(path: Path) -> str:
+    """The package named by a YAML file's ``# @package`` header (Hydra's default, ``_group_``, without one)."""
+    for line in path.read_text().splitlines():
+        if line.startswith("# @package"):
+            return line.removeprefix("# @package").strip()
+        if line.strip() and not line.startswith("#"):
+            break
+    return "_group_"
+
+
+def register_configs(experiments_dir: Path = EXPERIMENTS_DIR) -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="task", name="perplexity_schema", node=PerplexityConfig)
+    cs.store(group="task", name="passkey_schema", node=PasskeyConfig)
+    for path in sorted(experiments_dir.glob("*.yaml")):
+        cs.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package=experiment_package(path))
+
+
+def job_dirname(overrides: str) -> str:
+    """A job's folder name from Hydra's ``override_dirname``: ``default`` when empty, slashes made safe, and long
+    names shortened with a hash so they stay unique."""
+    name = overrides.replace("/", "_") or "default"
+    if len(name) > 160:
+        name = f"{name[:120]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+    return name
+
+
+register_configs()
+if not OmegaConf.has_resolver("job_dirname"):
+    OmegaConf.register_new_resolver("job_dirname", job_dirname)
+
+
+def lengths(cfg: DictConfig) -> list[int]:
+    """The context lengths this job measures: ``ctx`` if set, else ``ctxs`` in order without repeats."""
+    values = [cfg.ctx] if cfg.ctx is not None else list(cfg.ctxs)
+    if not values:
+        raise ConfigError("ctxs=[] measures nothing; give at least one length, e.g. ctxs=[4096,8192] or ctx=4096")
+    for value in values:
+        if value <= 0:
+            name = "ctx" if cfg.ctx is not None else "ctxs"
+            raise ConfigError(
+                f"{name} has {value}; a context length must be a positive number of tokens, e.g. ctx=4096"
+            )
+    return list(dict.fromkeys(values))
+
+
+def _positive(name: str, value: Any, example: str, integer: bool = False) -> None:
+    if value is not None and value <= 0:
+        kind = "an integer >= 1" if integer else "a number > 0"
+        raise ConfigError(f"{name}={value} is invalid; it must be {kind} (or null for the default), e.g. {example}")
+
+
+def validate(cfg: DictConfig, methods: Sequence[str]) -> list[int]:
+    """Refuse nonsense values before anything is loaded; returns the lengths to measure.
+
+    ``methods`` are the rope names ``enhance_long.apply`` knows (passed in, so this module stays import-light).
+    """
+    ctxs = lengths(cfg)
+    rope = cfg.rope
+    if rope.name not in methods:
+        raise ConfigError(f"rope={rope.name} is unknown; choose one of {', '.join(methods)} (e.g. rope=consistent_ntk)")
+    for knob in ("alpha", "factor", "beta_fast", "beta_slow", "leak"):
+        _positive(f"rope.{knob}", rope[knob], f"rope.{knob}=2")
+    for knob in ("bucket", "group", "window"):
+        _positive(f"rope.{knob}", rope[knob], f"rope.{knob}=1", integer=True)
+    if cfg.logn.len is not None and cfg.logn.len <= 1:
+        raise ConfigError(f"logn.len={cfg.logn.len} is invalid; it must be > 1, or null for the trained length")
+    if cfg.model.train_len is not None and cfg.model.train_len <= 1:
+        raise ConfigError(
+            f"model.train_len={cfg.model.train_len} is invalid; it must be > 1, or null to read it from the model"
+        )
+    if cfg.attention.name not in ATTENTION_BACKENDS:
+        raise ConfigError(
+            f"attention={cfg.attention.name} is unknown; choose one of {', '.join(ATTENTION_BACKENDS)} (e.g. attention=sdpa)"
+        )
+    if cfg.data.source not in DATA_SOURCES:
+        raise ConfigError(f"data.source={cfg.data.source} is unknown; choose one of {', '.join(DATA_SOURCES)}")
+    if cfg.data.source in ("hf", "local") and (OmegaConf.is_missing(cfg.data, "path") or not cfg.data.path):
+        raise ConfigError(
+            f"data={cfg.data.name} (source {cfg.data.source}) needs data.path, e.g. data.path='/data/books/*.txt'"
+        )
+    _positive("data.max_docs", cfg.data.max_docs, "data.max_docs=1", integer=True)
+    if cfg.logger.name not in LOGGERS:
+        raise ConfigError(
+            f"logger={cfg.logger.name} is unknown; choose one of {', '.join(LOGGERS)} (e.g. logger=wandb)"
+        )
+    if cfg.logger.mode is not None and cfg.logger.mode not in WANDB_MODES:
+        raise ConfigError(
+            f"logger.mode={cfg.logger.mode} is unknown; choose one of {', '.join(WANDB_MODES)}, or null for $WANDB_MODE"
+        )
+    task = cfg.task
+    if task.name == "perplexity":
+        validate_perplexity(task, ctxs)
+    elif task.name == "passkey":
+        validate_passkey(task, ctxs)
+    return ctxs
+
+
+def validate_perplexity(task: DictConfig, ctxs: Sequence[int]) -> None:
+    if task.mode not in ("sliding", "cached"):
+        raise ConfigError(f"task.mode={task.mode} is unknown; choose sliding or cached (e.g. task.mode=cached)")
+    _positive("task.stride", task.stride, "task.stride=1024", integer=True)
+    if task.stride is not None and task.stride > min(ctxs):
+        raise ConfigError(
+            f"task.stride={task.stride} is larger than ctx={min(ctxs)}, which would skip tokens; "
+            f"use task.stride<={min(ctxs)}, or null for stride=ctx"
+        )
+    _positive("task.max_windows", task.max_windows, "task.max_windows=4", integer=True)
+    _positive("task.min_tokens", task.min_tokens, "task.min_tokens=16384", integer=True)
+    _positive("task.buckets", task.buckets, "task.buckets=8", integer=True)
+    _positive("task.chunk", task.chunk, "task.chunk=1024", integer=True)
+    _positive("task.prefill", task.prefill, "task.prefill=4096", integer=True)
+    if task.buckets > min(ctxs):
+        raise ConfigError(f"task.buckets={task.buckets} exceeds ctx={min(ctxs)}; use task.buckets<={min(ctxs)}")
+
+
+def validate_passkey(task: DictConfig, ctxs: Sequence[int]) -> None:
+    if not task.depths:
+        raise ConfigError("task.depths=[] measures nothing; give depths in [0, 1], e.g. task.depths=[0,0.5,1]")
+    for depth in task.depths:
+        if not 0 <= depth <= 1:
+            raise ConfigError(
+                f"task.depths has {depth}; a depth is a fraction of the filler in [0, 1], e.g. task.depths=[0,0.5,1]"
+            )
+    _positive("task.trials", task.trials, "task.trials=5", integer=True)
+    if not 1 <= task.key_digits <= 32:
+        raise ConfigError(f"task.key_digits={task.key_digits} is invalid; use 1 to 32 digits, e.g. task.key_digits=5")
+    if task.max_new_tokens < 1:
+        raise ConfigError(f"task.max_new_tokens={task.max_new_tokens} is invalid; it must be >= 1, e.g. 8")

@@ -1,0 +1,197 @@
+"""Perplexity at a context length: sliding windows over long documents, scored from hidden states in chunks.
+
+Protocol (the one the long-context papers use): a window of ``ctx`` tokens starts every ``stride`` tokens
+(``stride`` defaults to ``ctx``: non-overlapping windows); only full windows are used, so every scored token sees
+a window of exactly ``ctx`` tokens. The first window scores all its tokens, later ones only the ``stride`` tokens
+no earlier window scored, so each token of the covered span is scored once. ``max_windows`` caps the windows
+per length, taken round-robin over the documents (the default, 1, keeps ``python run.py`` to a few minutes)::
+
+    window k covers [k*stride, k*stride + ctx)
+    scored label positions (within the window): 1 .. ctx-1 for k = 0, ctx-stride .. ctx-1 after
+    ppl = exp(sum of NLL / tokens scored)
+
+The loss is computed from the decoder's final hidden states, ``chunk`` positions at a time through ``lm_head``
+(never a ``ctx x vocab`` logits tensor), accumulated in float64. It is also split by the position of the scored
+token inside its window (``buckets`` equal ranges of [0, ctx)), which shows *where* a method breaks.
+
+``mode=cached`` feeds each window through a ``DynamicCache`` instead: a ``prefill`` forward, then ``chunk`` tokens
+per forward. Static methods score the same either way; ``dynamic_ntk`` (keys keep the base they were written
+with) and ``consistent_ntk`` (keys re-rotated to the current base) differ here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from enhance_long.tasks.base import TaskEnv
+
+
+def window_starts(n_tokens: int, ctx: int, stride: int) -> list[int]:
+    """Start offsets of the full windows of ``ctx`` tokens, ``stride`` apart, in a document of ``n_tokens``."""
+    return list(range(0, n_tokens - ctx + 1, stride))
+
+
+def spread_windows(starts: Sequence[Sequence[int]], budget: int | None) -> list[tuple[int, int, int]]:
+    """``(document, window index, start)`` to score: all windows, or ``budget`` of them taken round-robin over
+    the documents (window 0 of each document, then window 1, ...) so a small budget still samples every document.
+    """
+    order = sorted(
+        ((doc, index, start) for doc, doc_starts in enumerate(starts) for index, start in enumerate(doc_starts)),
+        key=lambda item: (item[1], item[0]),
+    )
+    chosen = order if budget is None else order[:budget]
+    return sorted(chosen)
+
+
+def first_scored(window_index: int, ctx: int, stride: int) -> int:
+    """The first label position a window scores: 1 in the first window, else the first not scored before."""
+    return 1 if window_index == 0 else ctx - stride
+
+
+@dataclass
+class NLLTotals:
+    """Summed negative log-likelihood and token counts, overall and per position bucket over [0, ctx)."""
+
+    ctx: int
+    buckets: int
+    nll: float = 0.0
+    tokens: int = 0
+    bucket_nll: list[float] = field(default_factory=list)
+    bucket_tokens: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.bucket_nll = self.bucket_nll or [0.0] * self.buckets
+        self.bucket_tokens = self.bucket_tokens or [0] * self.buckets
+
+    def add(self, nll: torch.Tensor, positions: torch.Tensor) -> None:
+        """Add per-token NLL values scored at these label positions (within the window)."""
+        nll = nll.double().cpu()
+        index = (positions.cpu() * self.buckets) // self.ctx
+        self.nll += float(nll.sum())
+        self.tokens += nll.numel()
+        sums = torch.zeros(self.buckets, dtype=torch.float64).index_add_(0, index, nll)
+        counts = torch.bincount(index, minlength=self.buckets)
+        for b in range(self.buckets):
+            self.bucket_nll[b] += float(sums[b])
+            self.bucket_tokens[b] += int(counts[b])
+
+    def merge(self, other: NLLTotals) -> None:
+        self.nll += other.nll
+        self.tokens += other.tokens
+        for b in range(self.buckets):
+            self.bucket_nll[b] += other.bucket_nll[b]
+            self.bucket_tokens[b] += other.bucket_tokens[b]
+
+    def row(self) -> dict:
+        """``ppl``, ``tokens``, ``nll`` and the per-bucket breakdown (``ppl`` None for an empty bucket)."""
+        edges = [self.ctx * b // self.buckets for b in range(self.buckets + 1)]
+        return {
+            "ppl": math.exp(self.nll / self.tokens),
+            "tokens": self.tokens,
+            "nll": self.nll,
+            "buckets": [
+                {
+                    "start": edges[b],
+                    "end": edges[b + 1],
+                    "ppl": math.exp(self.bucket_nll[b] / self.bucket_tokens[b]) if self.bucket_tokens[b] else None,
+                    "tokens": self.bucket_tokens[b],
+                }
+                for b in range(self.buckets)
+            ],
+        }
+
+
+def _chunked_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Per-token NLL of ``targets`` given ``hidden`` (one row per target), ``chunk`` rows per lm_head call."""
+    device = head.weight.device
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[start : start + chunk].to(device)).float()
+        pieces.append(F.cross_entropy(logits, targets[start : start + chunk].to(device), reduction="none"))
+    return torch.cat(pieces)
+
+
+@torch.inference_mode()
+def window_nll(model, ids: torch.Tensor, first: int, chunk: int) -> torch.Tensor:
+    """NLL of label positions ``first .. len(ids)-1`` of one window, from a single forward."""
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    device = model.get_input_embeddings().weight.device
+    hidden = decoder(input_ids=ids[None].to(device), use_cache=False).last_hidden_state[0]
+    return _chunked_nll(head, hidden[first - 1 : -1], ids[first:], chunk)
+
+
+@torch.inference_mode()
+def window_nll_cached(model, ids: torch.Tensor, first: int, chunk: int, prefill: int) -> torch.Tensor:
+    """Like :func:`window_nll`, but the window goes through a ``DynamicCache``: ``prefill`` tokens, then ``chunk``."""
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    device = model.get_input_embeddings().weight.device
+    cache = DynamicCache(config=model.config)
+    # transformers 5.x renamed the decoder's ``past_key_values`` argument to ``cache``; use whichever it takes
+    cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    ends = [min(prefill, len(ids)), *range(prefill + chunk, len(ids), chunk), len(ids)]
+    pieces, start = [], 0
+    for end in sorted(set(ends)):
+        hidden = decoder(input_ids=ids[None, start:end].to(device), use_cache=True, **{cache_arg: cache})
+        hidden = hidden.last_hidden_state[0]
+        # hidden row i (position start+i) predicts label position start+i+1
+        lo, hi = max(first, start + 1), min(end, len(ids) - 1)
+        if lo <= hi:
+            pieces.append(_chunked_nll(head, hidden[lo - 1 - start : hi - start], ids[lo : hi + 1], chunk))
+        start = end
+    return torch.cat(pieces)
+
+
+class Perplexity:
+    name = "perplexity"
+
+    def cells(self, cfg, ctxs: Sequence[int]) -> list[dict]:
+        return [{"ctx": int(ctx)} for ctx in ctxs]
+
+    def documents(self, env: TaskEnv, min_tokens: int):
+        """The corpus with documents of at least ``min_tokens`` tokens, loaded once per job and length floor."""
+        from enhance_long.data import load_documents
+
+        memo = ("perplexity.documents", min_tokens)
+        if memo not in env.cache:
+            env.cache[memo] = load_documents(env.data_cfg, env.tokenizer, min_tokens=min_tokens)
+        return env.cache[memo]
+
+    def measure(self, env: TaskEnv, cell: dict) -> list[dict]:
+        cfg, ctx = env.cfg, cell["ctx"]
+        stride = cfg.stride or ctx
+        min_tokens = max(ctx, cfg.min_tokens or 0)
+        corpus = self.documents(env, min_tokens)  # raises a one-line ValueError when no document is long enough
+        plan = spread_windows([window_starts(len(d.ids), ctx, stride) for d in corpus.docs], cfg.max_windows)
+        totals = [NLLTotals(ctx, cfg.buckets) for _ in corpus.docs]
+        bar = tqdm(plan, desc=f"perplexity ctx={ctx}", unit="window", disable=not env.progress, leave=False)
+        for doc_index, window_index, start in bar:
+            ids = corpus.docs[doc_index].ids[start : start + ctx]
+            first = first_scored(window_index, ctx, stride)
+            if cfg.mode == "cached":
+                nll = window_nll_cached(env.model, ids, first, cfg.chunk, cfg.prefill or cfg.chunk)
+            else:
+                nll = window_nll(env.model, ids, first, cfg.chunk)
+            totals[doc_index].add(nll, torch.arange(first, ctx))
+            bar.set_postfix(doc=corpus.docs[doc_index].name, ppl=f"{math.exp(nll.double().mean()):.2f}")
+        rows, total = [], NLLTotals(ctx, cfg.buckets)
+        windows = Counter(doc_index for doc_index, _, _ in plan)
+        for doc_index, (doc, doc_totals) in enumerate(zip(corpus.docs, totals, strict=True)):
+            if windows[doc_index]:
+                total.merge(doc_totals)
+                rows.append({**cell, "doc": doc.name, "windows": windows[doc_index], **doc_totals.row()})
+        rows.append(
+            {**cell, "doc": "all", "docs": len(rows), "windows": len(plan), "skipped": corpus.skipped, **total.row()}
+        )
+        return rows
+
+
+TASK = Perplexity()

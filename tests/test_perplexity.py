@@ -1,0 +1,132 @@
+"""Perplexity: the window protocol, chunked loss against Hugging Face's own loss, cached == sliding, rows."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import enhance_long
+from enhance_long.config import PerplexityConfig
+from enhance_long.models import load_model
+from enhance_long.tasks.base import TaskEnv
+from enhance_long.tasks.perplexity import (
+    TASK,
+    NLLTotals,
+    first_scored,
+    spread_windows,
+    window_nll,
+    window_nll_cached,
+    window_starts,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = load_model(OmegaConf.load(ROOT / "conf/model/tiny_random.yaml"), attention="sdpa")
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize(("n", "ctx", "stride"), [(1000, 128, 128), (1000, 128, 32), (1000, 128, 100), (128, 128, 64)])
+def test_windows_score_every_covered_token_once(n, ctx, stride):
+    starts = window_starts(n, ctx, stride)
+    assert starts and all(s + ctx <= n for s in starts)
+    scored = [s + p for i, s in enumerate(starts) for p in range(first_scored(i, ctx, stride), ctx)]
+    assert sorted(scored) == list(range(1, starts[-1] + ctx))
+
+
+def test_window_budget_is_spread_round_robin_over_documents():
+    starts = [[0, 10, 20], [0], [0, 10]]
+    assert spread_windows(starts, 4) == [(0, 0, 0), (0, 1, 10), (1, 0, 0), (2, 0, 0)]
+    assert len(spread_windows(starts, None)) == 6
+
+
+def test_chunked_loss_equals_hugging_face_loss(tiny):
+    model, _ = tiny
+    ids = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids[None], labels=ids[None]).loss.double() * (len(ids) - 1)
+    nll = window_nll(model, ids, first=1, chunk=37)
+    assert nll.shape == (199,)
+    torch.testing.assert_close(nll.double().sum(), expected, rtol=1e-5, atol=1e-4)
+    # scoring only the new tokens of a later window is the tail of the same per-token losses
+    torch.testing.assert_close(window_nll(model, ids, first=150, chunk=16), nll[149:])
+
+
+@pytest.mark.parametrize(("prefill", "chunk"), [(64, 32), (100, 7), (200, 50)])
+def test_cached_mode_matches_one_forward_for_the_stock_model(tiny, prefill, chunk):
+    model, _ = tiny
+    ids = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(
+        window_nll_cached(model, ids, first=10, chunk=chunk, prefill=prefill),
+        window_nll(model, ids, first=10, chunk=chunk),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+def test_cached_mode_tells_dynamic_from_consistent_ntk(tiny):
+    """Past the trained length (128), dynamic NTK's cached keys keep stale bases; consistent NTK's do not."""
+    model, _ = tiny
+    ids = torch.randint(0, 256, (256,), generator=torch.Generator().manual_seed(2))
+    results = {}
+    for rope in ("dynamic_ntk", "consistent_ntk"):
+        enhance_long.apply(model, rope=rope, logn=False, alpha=4.0, bucket=1)
+        try:
+            results[rope] = (window_nll(model, ids, 1, 64), window_nll_cached(model, ids, 1, 64, 128))
+        finally:
+            enhance_long.remove(model)
+    full, cached = results["consistent_ntk"]
+    torch.testing.assert_close(cached, full, rtol=1e-3, atol=1e-3)
+    full, cached = results["dynamic_ntk"]
+    assert (cached[128:] - full[128:]).abs().max() > 1e-4
+
+
+def test_bucket_totals_add_up():
+    totals = NLLTotals(ctx=16, buckets=4)
+    totals.add(torch.arange(1, 16, dtype=torch.float32), torch.arange(1, 16))
+    row = totals.row()
+    assert row["tokens"] == 15 and sum(b["tokens"] for b in row["buckets"]) == 15
+    assert [b["start"] for b in row["buckets"]] == [0, 4, 8, 12]
+    assert row["buckets"][0]["tokens"] == 3  # positions 1..3: position 0 is never a label
+    assert math.isclose(row["ppl"], math.exp(sum(range(1, 16)) / 15))
+    assert math.isclose(row["buckets"][0]["ppl"], math.exp((1 + 2 + 3) / 3))
+
+
+def _env(tiny, tmp_path, **task):
+    model, tokenizer = tiny
+    for i, n in enumerate((700, 300, 40)):
+        (tmp_path / f"doc{i}.txt").write_text("".join(chr(97 + (i * 7 + k * k) % 26) for k in range(n)))
+    cfg = OmegaConf.merge(OmegaConf.structured(PerplexityConfig), task)
+    data = OmegaConf.create({"name": "local", "source": "local", "path": str(tmp_path), "text_field": "text"})
+    return TaskEnv(model, tokenizer, cfg, data, tmp_path, progress=False)
+
+
+def test_measure_rows_per_document_and_aggregate(tiny, tmp_path):
+    env = _env(tiny, tmp_path, max_windows=None, stride=64, buckets=4)
+    rows = TASK.measure(env, {"ctx": 128})
+    docs, total = rows[:-1], rows[-1]
+    assert [r["doc"] for r in docs] == ["doc0.txt", "doc1.txt"] and total["doc"] == "all"
+    assert total["skipped"] == 1  # doc2 is shorter than ctx
+    for row in docs:
+        windows = row["windows"]
+        assert row["tokens"] == 127 + 64 * (windows - 1) and row["ctx"] == 128
+    assert total["tokens"] == sum(r["tokens"] for r in docs)
+    assert math.isclose(total["ppl"], math.exp(sum(r["nll"] for r in docs) / total["tokens"]))
+    assert len(total["buckets"]) == 4 and total["buckets"][-1]["tokens"] > total["buckets"][0]["tokens"]
+
+
+def test_measure_honours_the_window_budget_and_mode(tiny, tmp_path):
+    sliding = TASK.measure(_env(tiny, tmp_path, max_windows=1), {"ctx": 128})
+    assert [r["doc"] for r in sliding] == ["doc0.txt", "all"] and sliding[-1]["tokens"] == 127
+    cached = TASK.measure(_env(tiny, tmp_path, max_windows=1, mode="cached", chunk=32), {"ctx": 128})
+    assert math.isclose(cached[-1]["ppl"], sliding[-1]["ppl"], rel_tol=1e-4)
+
+
+def test_no_long_enough_document_is_a_one_line_error(tiny, tmp_path):
+    with pytest.raises(ValueError, match="no document of data=local has min_tokens=4096") as error:
+        TASK.measure(_env(tiny, tmp_path), {"ctx": 4096})
+    assert "\n" not in str(error.value)

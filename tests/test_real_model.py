@@ -1,0 +1,48 @@
+"""The methods on the real embedded model (SmolLM2-135M-Instruct, trained length 8192) and real text.
+
+Slow: one cached model load and a few ~9k-token forwards on a CPU (a couple of minutes).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import enhance_long
+from enhance_long.data import load_documents
+from enhance_long.models import load_model
+
+pytestmark = pytest.mark.slow
+
+LENGTH = 8192 + 1024  # just past the trained length, where the stock model starts to break down
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tokenizer = load_model({"name": "smollm2_135m", "path": None, "dtype": "float32"}, attention="sdpa")
+    docs = load_documents({"name": "canterbury", "source": "canterbury"}, tokenizer, min_tokens=LENGTH)
+    ids = max(docs.docs, key=lambda d: len(d.ids)).ids[:LENGTH][None]
+    return model, ids
+
+
+@torch.no_grad()
+def tail_perplexity(model, ids, tail: int = 1024) -> float:
+    hidden = model.model(ids).last_hidden_state[:, -tail - 1 : -1]
+    loss = F.cross_entropy(model.lm_head(hidden)[0].float(), ids[0, -tail:])
+    return math.exp(loss.item())
+
+
+def test_consistent_ntk_keeps_smollm2_reading_past_its_trained_length(smollm2):
+    model, ids = smollm2
+    enhance_long.remove(model)
+    inside = model(ids[:, :512]).logits
+    stock = tail_perplexity(model, ids)
+    enhance_long.apply(model)  # the default: consistent NTK, alpha 2, LogN on
+    try:
+        torch.testing.assert_close(model(ids[:, :512]).logits, inside, rtol=0, atol=1e-4)
+        enhanced = tail_perplexity(model, ids)
+    finally:
+        enhance_long.remove(model)
+    assert enhanced < 40, f"consistent_ntk perplexity {enhanced:.1f} past 8k on Canterbury text"
+    assert enhanced < stock, f"enhanced {enhanced:.1f} should beat stock {stock:.1f} past the trained length"

@@ -1,4 +1,4 @@
-"""Measure a long-context method: python run.py [group=option ...] [key=value ...]  (see docs/runner.md)
+"""Measure a long-context method: python run.py [group=option ...] [key=value ...]  (see the README)
 
 python run.py                                          # perplexity of SmolLM2 on Canterbury, 4k/8k/16k
 python run.py rope=consistent_ntk ctx=32768

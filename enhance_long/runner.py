@@ -9,7 +9,7 @@ A job validates its config (one-line errors, nothing loaded yet), works out its 
 configured method and, with ``baseline=true``, the stock model) and skips those already measured here or in a
 sibling job of the same sweep. Only if something is left is the model loaded, once; each method is applied,
 its cells measured and stored atomically as they finish, then removed. The job ends by writing ``summary.json``,
-``table.md`` and the plots into its output folder. See docs/runner.md for the output contract.
+``table.md`` and the plots into its output folder. See the README (Running experiments) for the output contract.
 """
 
 from __future__ import annotations

@@ -1,0 +1,169 @@
+"""Decode cost per token with a long cache: consistent_ntk vs transformers' built-in dynamic NTK vs the stock model.
+
+    python -m bench.decode --quick                 # tiny random Llama (T=128), 256 and 512 cached tokens
+    python -m bench.decode --threads 1             # SmolLM2 (T=8192), 8192 and 16384 cached tokens
+
+Cases, all on the same weights in one process, interleaved:
+
+* ``stock``: the model as it ships;
+* ``builtin_dynamic``: transformers' ``rope_type="dynamic"`` rotary embedding swapped in (cached keys keep the base
+  they were written with: the inconsistency transformers declined to fix);
+* ``consistent_ntk``: the default bucket (256): cached keys are re-rotated in place once every ``bucket`` tokens;
+* ``consistent_ntk+logn``: the same with LogN, as ``enhance_long.apply(model)`` installs it;
+* ``consistent_ntk[bucket=1]``: the exact per-token schedule, which re-rotates every cached key at every step:
+  the cost of the naive fix (rotating all keys each step), i.e. the floor to beat.
+
+Each case gets a fresh cache of N random keys/values (untimed; decoding cost does not depend on the values), then
+decodes ``--steps`` tokens one forward each (timed). A fresh cache counts as written with the stock base, so the
+consistent cases re-rotate it at their first step, exactly as they do when the base moves at a bucket boundary:
+a block of ``bucket`` steps holds exactly one re-rotation, and its mean is the amortized cost per token. The exact
+schedule costs the same at every step, so its block is shorter (``--exact-steps``).
+Target: consistent_ntk within 1.05x of builtin_dynamic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import enhance_long
+from bench.common import (
+    Case,
+    builtin_dynamic_rotary,
+    compare,
+    interleaved,
+    load,
+    parser,
+    random_cache,
+    report,
+    start,
+    table,
+)
+
+TARGET = 1.05
+ALPHA = 2.0
+
+
+class Switch:
+    """Puts the one model in each case's state: stock, transformers' dynamic rotary, or an enhance_long method."""
+
+    def __init__(self, model, train_len: int):
+        self.model, self.train_len = model, train_len
+        self.decoder = model.get_decoder()
+        self.stock_rotary = self.decoder.rotary_emb
+        self.builtin_rotary = builtin_dynamic_rotary(model, ALPHA)
+
+    def stock(self):
+        enhance_long.remove(self.model)
+        self.decoder.rotary_emb = self.stock_rotary
+
+    def builtin(self):
+        self.stock()
+        self.decoder.rotary_emb = self.builtin_rotary
+
+    def method(self, **settings):
+        self.stock()
+        enhance_long.apply(self.model, train_len=self.train_len, alpha=ALPHA, **settings)
+
+
+def decode_cases(model, switch: Switch, cached: int, steps: int, exact_steps: int) -> list[Case]:
+    token = torch.tensor([[1]], device=model.get_input_embeddings().weight.device)
+    state: dict = {}
+
+    def prepared(set_state, **settings):
+        def prepare():
+            state.clear()  # drop the previous case's cache before building the next
+            set_state(**settings)
+            state["cache"] = random_cache(model, cached)
+
+        return prepare
+
+    def decode(n: int):
+        def run():
+            with torch.inference_mode():
+                for _ in range(n):
+                    model(input_ids=token, cache=state["cache"], use_cache=True, logits_to_keep=1)
+
+        return run
+
+    bucket = enhance_long.METHODS["consistent_ntk"]["bucket"]
+    return [
+        Case("stock", decode(steps), prepared(switch.stock), steps),
+        Case("builtin_dynamic", decode(steps), prepared(switch.builtin), steps),
+        Case(
+            f"consistent_ntk[bucket={bucket}]",
+            decode(steps),
+            prepared(switch.method, rope="consistent_ntk", logn=False),
+            steps,
+        ),
+        Case(
+            f"consistent_ntk+logn[bucket={bucket}]",
+            decode(steps),
+            prepared(switch.method, rope="consistent_ntk", logn=True),
+            steps,
+        ),
+        Case(
+            "consistent_ntk[bucket=1]",
+            decode(exact_steps),
+            prepared(switch.method, rope="consistent_ntk", logn=False, bucket=1),
+            exact_steps,
+        ),
+    ]
+
+
+def measure(model, train_len: int, cached_lengths, steps: int, exact_steps: int, n_repeats: int, warmup: int):
+    """One row per (cached length, case): ms per token, tokens/s, paired ratios to builtin_dynamic and stock, and
+    on a GPU the peak memory allocated (GiB)."""
+    switch = Switch(model, train_len)
+    rows = []
+    for cached in cached_lengths:
+        cases = decode_cases(model, switch, cached, steps, exact_steps)
+        peaks: dict[str, int] = {}
+        samples = interleaved(cases, n_repeats, warmup, peaks)
+        switch.stock()
+        for case in cases:
+            stats = {**compare(samples, case.name, "builtin_dynamic"), **compare(samples, case.name, "stock")}
+            row = {"cached": cached, "case": case.name, "steps": case.units, **stats}
+            row["ms_per_token"] = 1000 * row.pop("seconds")
+            row["tokens_per_s"] = 1000 / row["ms_per_token"]
+            if case.name in peaks:
+                row["peak_gib"] = peaks[case.name] / 2**30
+            if case.name.startswith("consistent_ntk") and "bucket=1]" not in case.name:
+                row["target_met"] = row["vs_builtin_dynamic"] <= TARGET
+            rows.append(row)
+    return rows
+
+
+def main() -> None:
+    p = parser("decode", __doc__)
+    p.add_argument("--cached", type=int, nargs="+", help="cached tokens (default 256 512 quick, else 8192 16384)")
+    p.add_argument("--steps", type=int, help="decoded tokens per timed block (default: the default bucket, 256)")
+    p.add_argument("--exact-steps", type=int, default=16, help="block length of the bucket=1 case")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds per length before the timed ones")
+    args = p.parse_args()
+    n_repeats = start(args)
+    steps = args.steps or enhance_long.METHODS["consistent_ntk"]["bucket"]
+    if steps < 1 or args.exact_steps < 1:
+        raise SystemExit(f"--steps={steps} / --exact-steps={args.exact_steps} are invalid; give integers >= 1")
+    model, _, train_len = load(args.quick)
+    cached = args.cached or ([256, 512] if args.quick else [8192, 16384])
+    rows = measure(model, train_len, cached, steps, args.exact_steps, n_repeats, args.warmup)
+    columns = [
+        "cached",
+        "case",
+        "steps",
+        "ms_per_token",
+        "tokens_per_s",
+        "vs_builtin_dynamic",
+        "vs_builtin_dynamic_min",
+        "vs_builtin_dynamic_max",
+        "vs_stock",
+        "target_met",
+    ]
+    settings = {"train_len": train_len, "alpha": ALPHA, "steps": steps, "exact_steps": args.exact_steps}
+    settings |= {"repeats": n_repeats, "warmup": args.warmup, "attention": "sdpa"}
+    text = f"decode, T={train_len}, {n_repeats} repeats, target <= {TARGET}x builtin_dynamic\n"
+    report("decode", args, {"settings": settings, "target": TARGET, "rows": rows}, text + table(rows, columns))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """The methods on the real embedded model (SmolLM2-135M-Instruct, trained length 8192) and real text.
 
-Slow: one cached model load and a few ~9k-token forwards on a CPU (a couple of minutes).
+Slow: one cached model load and two 12k-token forwards on a CPU (a couple of minutes).
 """
 
 import math
@@ -15,14 +15,14 @@ from enhance_long.models import load_model
 
 pytestmark = pytest.mark.slow
 
-LENGTH = 8192 + 1024  # just past the trained length, where the stock model starts to break down
+LENGTH = 8192 + 4096  # 1.5x the trained length: the stock model breaks down in the last thousand tokens
 
 
 @pytest.fixture(scope="module")
 def smollm2():
     model, tokenizer = load_model({"name": "smollm2_135m", "path": None, "dtype": "float32"}, attention="sdpa")
     docs = load_documents({"name": "canterbury", "source": "canterbury"}, tokenizer, min_tokens=LENGTH)
-    ids = max(docs.docs, key=lambda d: len(d.ids)).ids[:LENGTH][None]
+    ids = next(d for d in docs.docs if "lcet10" in d.name).ids[:LENGTH][None]  # prose: a report on libraries
     return model, ids
 
 
@@ -44,5 +44,6 @@ def test_consistent_ntk_keeps_smollm2_reading_past_its_trained_length(smollm2):
         enhanced = tail_perplexity(model, ids)
     finally:
         enhance_long.remove(model)
+    print(f"tail perplexity past 8k: stock {stock:.2f}, consistent_ntk+logn {enhanced:.2f}")
     assert enhanced < 40, f"consistent_ntk perplexity {enhanced:.1f} past 8k on Canterbury text"
     assert enhanced < stock, f"enhanced {enhanced:.1f} should beat stock {stock:.1f} past the trained length"

@@ -231,6 +231,8 @@ def _measure(cfg: DictConfig, job: Job, todo: Sequence[tuple], store: ResultStor
             model, rope=method.rope, logn=method.logn, train_len=cfg.model.train_len, **method.knobs, **extra
         )
         try:
+            if hasattr(job.task, "prepare"):  # optional hook: a task may plan shared work across the cells
+                job.task.prepare(env, [cell for _, cell, _, _ in cells])
             for _, cell, key, fields in tqdm(cells, desc=method.label, unit="cell", disable=not cfg.progress):
                 started = time.time()
                 rows = job.task.measure(env, cell)

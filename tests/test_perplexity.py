@@ -130,3 +130,39 @@ def test_no_long_enough_document_is_a_one_line_error(tiny, tmp_path):
     with pytest.raises(ValueError, match="no document of data=local has min_tokens=4096") as error:
         TASK.measure(_env(tiny, tmp_path), {"ctx": 4096})
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("rope", "knobs"), [("none", {}), ("consistent_ntk", {"bucket": 16}), ("self_extend", {"window": 32, "group": 2})]
+)
+def test_shorter_lengths_are_scored_from_one_longer_forward_when_exact(tiny, tmp_path, rope, knobs):
+    model, _ = tiny
+    enhance_long.apply(model, rope=rope, logn=True, train_len=64, **knobs)
+    try:
+        alone = [TASK.measure(_env(tiny, tmp_path, max_windows=2), {"ctx": ctx})[-1] for ctx in (96, 192, 256)]
+        env = _env(tiny, tmp_path, max_windows=2)
+        TASK.prepare(env, [{"ctx": 256}, {"ctx": 96}, {"ctx": 192}])
+        shared = [TASK.measure(env, {"ctx": ctx})[-1] for ctx in (96, 192, 256)]
+    finally:
+        enhance_long.remove(model)
+    # window 0 of each document starts at 0 for every length: one forward of 256 tokens per document scores it
+    assert sorted(env.cache["perplexity.losses"]) == [("doc0.txt", 0, 256), ("doc1.txt", 0, 256)]
+    assert [row.get("from_ctx") for row in shared] == [256, 256, None]
+    for one, other in zip(alone, shared, strict=True):
+        assert one["tokens"] == other["tokens"]
+        assert math.isclose(one["ppl"], other["ppl"], rel_tol=1e-5)
+
+
+def test_length_dependent_frequencies_never_share_a_forward(tiny, tmp_path):
+    model, _ = tiny
+    enhance_long.apply(model, rope="dynamic_ntk", train_len=64)
+    try:
+        env = _env(tiny, tmp_path, max_windows=1)
+        TASK.prepare(env, [{"ctx": 96}, {"ctx": 256}])
+        short = TASK.measure(env, {"ctx": 96})[-1]
+        longer = TASK.measure(env, {"ctx": 256})[-1]
+    finally:
+        enhance_long.remove(model)
+    assert "from_ctx" not in short
+    assert sorted(env.cache["perplexity.losses"]) == [("doc0.txt", 0, 96), ("doc0.txt", 0, 256)]
+    assert not math.isclose(short["ppl"], longer["ppl"], rel_tol=1e-3)

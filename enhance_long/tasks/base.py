@@ -9,6 +9,10 @@ Each measured cell yields result rows: flat JSON-able dicts that the runner exte
         name = "perplexity"
         def cells(self, cfg, ctxs): return [{"ctx": c} for c in ctxs]
         def measure(self, env, cell): return [{"doc": "all", "ppl": 12.3, "tokens": 4096}]
+
+A task may also define ``prepare(env, cells)``: the runner calls it with the cells it is about to measure on each
+freshly patched model, so the task can plan work shared between them (perplexity scores shorter lengths from the
+prefix of one longer forward).
 """
 
 from __future__ import annotations

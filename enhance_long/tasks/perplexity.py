@@ -14,6 +14,12 @@ The loss is computed from the decoder's final hidden states, ``chunk`` positions
 (never a ``ctx x vocab`` logits tensor), accumulated in float64. It is also split by the position of the scored
 token inside its window (``buckets`` equal ranges of [0, ctx)), which shows *where* a method breaks.
 
+Scoring several lengths in one job shares forwards where that is exact: unless the method's frequencies follow the
+length of the whole forward (``dynamic_ntk``, transformers' own ``dynamic``), a window's losses on its first ``n``
+tokens are those of the window of ``n`` tokens at the same start, so one forward at the longest length scores every
+shorter window with that start (``max_windows=1``: one forward per job instead of one per length). Rows say so in
+``from_ctx``.
+
 ``mode=cached`` feeds each window through a ``DynamicCache`` instead: a ``prefill`` forward, then ``chunk`` tokens
 per forward. Static methods score the same either way; ``dynamic_ntk`` (keys keep the base they were written
 with) and ``consistent_ntk`` (keys re-rotated to the current base) differ here.
@@ -32,6 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+import enhance_long
 from enhance_long.tasks.base import TaskEnv
 
 
@@ -150,11 +157,67 @@ def window_nll_cached(model, ids: torch.Tensor, first: int, chunk: int, prefill:
     return torch.cat(pieces)
 
 
+# rope types of an unpatched model whose frequencies do not depend on the length of the forward
+_STATIC_ROPE_TYPES = {"default", "linear", "yarn", "llama3"}
+
+
+def prefix_invariant(model) -> bool:
+    """Whether the model scores a prefix of a window exactly as it scores that prefix alone: causal attention, and
+    RoPE frequencies that depend on each query's position, not on how long the whole forward is."""
+    from enhance_long.patch import SPECS
+
+    info = enhance_long.describe(model)
+    if info is None:
+        rope = getattr(model.config, "rope_parameters", None) or {}
+        return rope.get("rope_type", "default") in _STATIC_ROPE_TYPES
+    spec = SPECS[info["rope"]]
+    return spec.consistent or not spec.dynamic
+
+
 class Perplexity:
     name = "perplexity"
 
     def cells(self, cfg, ctxs: Sequence[int]) -> list[dict]:
         return [{"ctx": int(ctx)} for ctx in ctxs]
+
+    def prepare(self, env: TaskEnv, cells: Sequence[dict]) -> None:
+        """Called by the runner before it measures ``cells`` on a freshly patched model: lengths to share forwards
+        between (see the module docstring), and no losses kept from the previous method."""
+        env.cache["perplexity.pending"] = sorted({int(cell["ctx"]) for cell in cells})
+        env.cache["perplexity.losses"] = {}
+
+    def plan(self, env: TaskEnv, ctx: int):
+        """The corpus for ``ctx`` and its windows ``(doc, window index, start)``."""
+        cfg = env.cfg
+        corpus = self.documents(env, max(ctx, cfg.min_tokens or 0))  # one-line ValueError when none is long enough
+        stride = cfg.stride or ctx
+        return corpus, spread_windows([window_starts(len(d.ids), ctx, stride) for d in corpus.docs], cfg.max_windows)
+
+    def host(self, env: TaskEnv, ctx: int, doc: str, start: int) -> int:
+        """The longest pending length (``ctx`` itself at least) that scores a window of ``doc`` at ``start`` in the
+        same forward as this window's own, when the method allows sharing; else ``ctx``."""
+        pending = env.cache.get("perplexity.pending", [])
+        if env.cfg.mode != "sliding" or not any(other > ctx for other in pending):
+            return ctx
+        if not prefix_invariant(env.model):
+            return ctx
+        for longer in sorted((other for other in pending if other > ctx), reverse=True):
+            corpus, windows = self.plan(env, longer)
+            if any(corpus.docs[d].name == doc and s == start for d, _, s in windows):
+                return longer
+        return ctx
+
+    def losses(self, env: TaskEnv, ids: torch.Tensor, ctx: int, doc: str, start: int) -> tuple[torch.Tensor, int]:
+        """NLL of label positions ``1 .. ctx-1`` of the window of ``doc`` at ``start``, and the length whose forward
+        gave it (kept for the shorter pending lengths that share it)."""
+        longest = self.host(env, ctx, doc, start)
+        kept = env.cache.setdefault("perplexity.losses", {})
+        if (doc, start, longest) not in kept:
+            if longest != ctx:
+                corpus, _ = self.plan(env, longest)
+                ids = next(d.ids for d in corpus.docs if d.name == doc)[start : start + longest]
+            kept[(doc, start, longest)] = window_nll(env.model, ids, 1, env.cfg.chunk)
+        return kept[(doc, start, longest)][: ctx - 1], longest
 
     def documents(self, env: TaskEnv, min_tokens: int):
         """The corpus with documents of at least ``min_tokens`` tokens, loaded once per job and length floor."""
@@ -168,18 +231,20 @@ class Perplexity:
     def measure(self, env: TaskEnv, cell: dict) -> list[dict]:
         cfg, ctx = env.cfg, cell["ctx"]
         stride = cfg.stride or ctx
-        min_tokens = max(ctx, cfg.min_tokens or 0)
-        corpus = self.documents(env, min_tokens)  # raises a one-line ValueError when no document is long enough
-        plan = spread_windows([window_starts(len(d.ids), ctx, stride) for d in corpus.docs], cfg.max_windows)
+        corpus, plan = self.plan(env, ctx)
         totals = [NLLTotals(ctx, cfg.buckets) for _ in corpus.docs]
+        hosts = set()
         bar = tqdm(plan, desc=f"perplexity ctx={ctx}", unit="window", disable=not env.progress, leave=False)
         for doc_index, window_index, start in bar:
-            ids = corpus.docs[doc_index].ids[start : start + ctx]
+            doc = corpus.docs[doc_index]
+            ids = doc.ids[start : start + ctx]
             first = first_scored(window_index, ctx, stride)
             if cfg.mode == "cached":
                 nll = window_nll_cached(env.model, ids, first, cfg.chunk, cfg.prefill or cfg.chunk)
             else:
-                nll = window_nll(env.model, ids, first, cfg.chunk)
+                nll, host = self.losses(env, ids, ctx, doc.name, start)
+                nll = nll[first - 1 :]
+                hosts.add(host)
             totals[doc_index].add(nll, torch.arange(first, ctx))
             bar.set_postfix(doc=corpus.docs[doc_index].name, ppl=f"{math.exp(nll.double().mean()):.2f}")
         rows, total = [], NLLTotals(ctx, cfg.buckets)
@@ -191,7 +256,8 @@ class Perplexity:
         rows.append(
             {**cell, "doc": "all", "docs": len(rows), "windows": len(plan), "skipped": corpus.skipped, **total.row()}
         )
-        return rows
+        shared = max(hosts, default=ctx)
+        return [{**row, "from_ctx": shared} for row in rows] if shared != ctx else rows
 
 
 TASK = Perplexity()

@@ -44,12 +44,14 @@ from enhance_long.methods.ntk import (
     rotation_delta,
     scheduled_length,
 )
+from enhance_long.methods.pieces import causal_attention, fused
 from enhance_long.methods.relative import (
     PositionMap,
     leaky_rerope_positions,
     rerope_positions,
     self_extend_positions,
     two_view_attention,
+    two_view_pieces,
 )
 from enhance_long.methods.yarn import yarn_frequencies
 
@@ -549,6 +551,7 @@ def _grouped_attention(stock, backend, plan: ForwardPlan, module, query, key, va
     """
     q_len, kv_len = query.shape[-2], key.shape[-2]
     n_before = kv_len - q_len
+    pieces = _pieces_apply(backend, plan, module, query, key, attention_mask, kwargs)
     outputs = []
     for start, end, rope in plan.groups:
         kv_end = n_before + end
@@ -561,10 +564,35 @@ def _grouped_attention(stock, backend, plan: ForwardPlan, module, query, key, va
             cos, sin = plan.memo[memo_key]
             q = rotated(q, cos[:, n_before + start :], sin[:, n_before + start :])
             k = rotated(k, cos, sin)
+        if pieces:
+            output, _ = causal_attention(q, k, v, _scaling(module, kwargs))
+            outputs.append(output.to(value.dtype).transpose(1, 2))
+            continue
         mask = _group_mask(backend, plan, attention_mask, start, end, n_before, kv_end, query)
         output, _ = stock(module, q, k, v, mask, **kwargs)
         outputs.append(output)
-    return torch.cat(outputs, dim=1), None
+    return torch.cat(outputs, dim=1).contiguous(), None
+
+
+def _pieces_apply(backend: str, plan: ForwardPlan, module, query, key, attention_mask, kwargs) -> bool:
+    """Whether this sdpa call may be assembled from fused pieces (``methods/pieces.py``) instead of masked calls:
+    a fused kernel on this device, causal attention without padding, contiguous positions, nothing else asked of
+    the kernel (dropout, a sliding window, soft-capping)."""
+    if backend != "sdpa" or attention_mask is not None or not fused(query.device):
+        return False
+    if (module.training and kwargs.get("dropout", 0.0)) or kwargs.get("sliding_window") or kwargs.get("softcap"):
+        return False
+    memo_key = ("contiguous", query.shape[-2], key.shape[-2])
+    if memo_key not in plan.memo:
+        q_len, kv_len = query.shape[-2], key.shape[-2]
+        expected = torch.arange(kv_len - q_len, kv_len, device=plan.positions.device)
+        plan.memo[memo_key] = bool((plan.positions == expected).all())
+    return plan.memo[memo_key]
+
+
+def _scaling(module, kwargs) -> float:
+    scaling = kwargs.get("scaling")
+    return module.scaling if scaling is None else scaling
 
 
 def _causal(n_before: int, start: int, end: int, kv_end: int, device) -> torch.Tensor:
@@ -611,6 +639,10 @@ def _flex_group_mask(plan: ForwardPlan, block_mask, start, end, kv_end, query):
 def _two_view(state: PatchState, module, query, key, value, attention_mask, scaling=None, **kwargs):
     """Self-Extend / ReRoPE attention: exact scores within the window, the far view beyond, one softmax."""
     plan = state.plan
+    window = state.settings.knobs["window"]
+    scaling = module.scaling if scaling is None else scaling
+    if _pieces_apply(state.backend, plan, module, query, key, attention_mask, kwargs):
+        return two_view_pieces(query, key, value, state.far_view, window, plan.rope.inv_freq, scaling), None
     q_len, kv_len = query.shape[-2], key.shape[-2]
     n_before = kv_len - q_len
     k_pos = _slot_positions(plan.positions, n_before, kv_len)
@@ -633,9 +665,9 @@ def _two_view(state: PatchState, module, query, key, value, attention_mask, scal
         plan.positions,
         k_pos,
         state.far_view,
-        state.settings.knobs["window"],
+        window,
         plan.rope.inv_freq,
-        module.scaling if scaling is None else scaling,
+        scaling,
         allowed,
     )
     return output, None

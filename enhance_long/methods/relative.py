@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from enhance_long.methods.ntk import rotated
+from enhance_long.methods.pieces import Merged, attend
 
 PositionMap = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -94,3 +95,61 @@ def two_view_attention(
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(value.dtype)
         outputs.append(torch.matmul(weights, value))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
+
+
+def two_view_pieces(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    far_positions: PositionMap,
+    window: int,
+    inv_freq: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """:func:`two_view_attention` for the common case, causal with no padding: query row r at position
+    ``p0 + r`` and key slot j at position j (``p0 = kv - q``), built from kernel calls merged by log-sum-exp.
+
+    Queries go in blocks of ``window`` rows; a block at positions [a, b) reads keys
+
+        [0, a-W+1)          far view, every query                     one unmasked call
+        [a-W+1, b-W)        far for j <= P-W (a causal square once the first row is dropped),
+                            near for the rest (a causal square once rows and keys are reversed)
+        [b-W, a)            near view, every query                    one unmasked call
+        [a, b)              near view, causal                         one causal square
+
+    (ranges clipped at 0), so no call needs a mask and no row builds scores for keys it cannot see.
+    """
+    heads, n, kv = query.shape[1], query.shape[-2], key.shape[-2]
+    p0 = kv - n
+    q_pos = torch.arange(p0, kv, device=query.device)[None]
+    k_pos = torch.arange(kv, device=query.device)[None]
+    q_far_pos, k_far_pos = far_positions(q_pos, k_pos)
+    query_far = move_positions(query, q_pos, q_far_pos, inv_freq)
+    key_far = move_positions(key, k_pos, k_far_pos, inv_freq)
+    if key.shape[1] != heads:  # once per layer rather than once per call
+        key, key_far, value = (t.repeat_interleave(heads // key.shape[1], dim=1) for t in (key, key_far, value))
+    outputs = []
+    for s in range(0, n, window):
+        e = min(s + window, n)
+        a, b = p0 + s, p0 + e
+        lo, hi = max(0, a - window + 1), max(0, b - window)  # the mixed strip [lo, hi)
+        near, far = query[:, :, s:e], query_far[:, :, s:e]
+        merged = Merged(attend(near, key[:, :, a:b], value[:, :, a:b], scaling, causal=True))
+        if a > hi:
+            merged.add(attend(near, key[:, :, hi:a], value[:, :, hi:a], scaling))
+        if lo > 0:
+            merged.add(attend(far, key_far[:, :, :lo], value[:, :, :lo], scaling))
+        if hi > lo:
+            # far: position P reads strip keys j <= P - W, i.e. rows from max(a, lo + W) on, key t <= row t
+            first = max(a, lo + window) - a
+            merged.add(
+                attend(far[:, :, first:], key_far[:, :, lo:hi], value[:, :, lo:hi], scaling, True), slice(first, None)
+            )
+            # near: rows a .. b-2 read strip keys j > P - W; reversed, row t reads keys t' <= t
+            rows = e - s - 1
+            output, lse = attend(
+                near[:, :, :rows].flip(2), key[:, :, lo:hi].flip(2), value[:, :, lo:hi].flip(2), scaling, True
+            )
+            merged.add((output.flip(2), lse.flip(2)), slice(0, rows))
+        outputs.append(merged.output)
+    return torch.cat(outputs, dim=2).to(value.dtype).transpose(1, 2).contiguous()

@@ -1,0 +1,94 @@
+"""Attention assembled from pieces of the key range, merged exactly through their log-sum-exps.
+
+Attention over two disjoint key sets K1, K2 follows from each set's own softmax output ``o`` and log-sum-exp ``l``
+of the scaled scores (``l = log sum_j exp(scale * q.k_j)``):
+
+    o = o1 * exp(l1 - l) + o2 * exp(l2 - l),        l = logaddexp(l1, l2)
+
+So a method that needs other rotations in other key ranges (a query group of consistent NTK re-rotated to its
+base, the near and far views of Self-Extend and ReRoPE) can run each range as one fused kernel call that is either
+unmasked or a top-left causal square: the two shapes the kernels run fastest, with no mask built and no score
+matrix held. The fused call is PyTorch's own flash kernel on a CPU (the one ``scaled_dot_product_attention`` runs);
+elsewhere :func:`attend` computes the same pair with matrix products, a bounded block of queries at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def fused(device: torch.device) -> bool:
+    """Whether :func:`attend` runs a fused kernel on ``device`` (else it runs matrix products)."""
+    return device.type == "cpu" and _CPU_FLASH is not None
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    causal: bool = False,
+    max_block_elements: int = 1 << 25,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(scale * q k^T) v`` and its log-sum-exp per query, in float32.
+
+    ``query`` (batch, heads, n, dim); ``key``/``value`` (batch, kv_heads, m, dim) with kv_heads dividing heads.
+    ``causal``: query i sees keys 0..i (top-left, as ``is_causal`` in ``scaled_dot_product_attention``).
+    Returns (batch, heads, n, dim) and (batch, heads, n).
+    """
+    heads = query.shape[1]
+    if key.shape[1] != heads:
+        key, value = (t.repeat_interleave(heads // key.shape[1], dim=1) for t in (key, value))
+    if fused(query.device):
+        output, lse = _CPU_FLASH(query, key, value, 0.0, causal, scale=scale)
+        return output.float(), lse
+    n, m = query.shape[-2], key.shape[-2]
+    block = max(1, max_block_elements // max(1, query.shape[0] * heads * m))
+    outputs, lses = [], []
+    for start in range(0, n, block):
+        end = min(start + block, n)
+        scores = torch.matmul(query[:, :, start:end], key.transpose(-1, -2)).float() * scale
+        if causal:
+            hidden = torch.arange(m, device=query.device)[None] > torch.arange(start, end, device=query.device)[:, None]
+            scores = scores.masked_fill(hidden, float("-inf"))
+        lse = scores.logsumexp(dim=-1)
+        weights = (scores - lse[..., None]).exp()
+        outputs.append(torch.matmul(weights, value.float()))
+        lses.append(lse)
+    return torch.cat(outputs, dim=2), torch.cat(lses, dim=2)
+
+
+class Merged:
+    """A running attention output over the key pieces added so far, per query row.
+
+    Starts from a piece every row has a key in (the causal square holding each query's own key), so no row's
+    log-sum-exp is ever -inf; later pieces may cover a contiguous subset of the rows.
+    """
+
+    def __init__(self, piece: tuple[torch.Tensor, torch.Tensor]):
+        output, lse = piece
+        self.output = output.float().contiguous()
+        self.lse = lse.float().contiguous()
+
+    def add(self, piece: tuple[torch.Tensor, torch.Tensor], rows: slice = slice(None)) -> None:
+        output, lse = piece
+        old = self.lse[:, :, rows]
+        new = torch.logaddexp(old, lse)
+        mixed = self.output[:, :, rows] * (old - new).exp()[..., None] + output * (lse - new).exp()[..., None]
+        self.output[:, :, rows] = mixed
+        self.lse[:, :, rows] = new
+
+
+def causal_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of the last ``n`` of ``m`` positions (queries (b, h, n, d), keys (b, h_kv, m, d)): the
+    bottom-right causal mask, as two unmasked-or-square pieces: keys ``0..m-n-1`` (all visible) and a causal square.
+    """
+    n, m = query.shape[-2], key.shape[-2]
+    merged = Merged(attend(query, key[:, :, m - n :], value[:, :, m - n :], scale, causal=True))
+    if m > n:
+        merged.add(attend(query, key[:, :, : m - n], value[:, :, : m - n], scale))
+    return merged.output, merged.lse

@@ -1,0 +1,142 @@
+"""Attention from pieces merged by log-sum-exp: the fused kernel against matrix products and PyTorch's own
+attention, the Self-Extend / ReRoPE decomposition against the blockwise reference, and the patched model taking
+this path on sdpa (and matching the masked path it replaces)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TRAIN_LEN, tiny_model
+from test_patch import logits
+
+import enhance_long
+import enhance_long.patch as patch
+from enhance_long.methods import pieces, rope_inv_freq
+from enhance_long.methods.pieces import Merged, attend, causal_attention
+from enhance_long.methods.relative import (
+    leaky_rerope_positions,
+    rerope_positions,
+    self_extend_positions,
+    two_view_attention,
+    two_view_pieces,
+)
+
+
+def qkv(n, m, heads=4, kv_heads=2, dim=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(2, heads, n, dim, generator=g).to(dtype),
+        torch.randn(2, kv_heads, m, dim, generator=g).to(dtype),
+        torch.randn(2, kv_heads, m, dim, generator=g).to(dtype),
+    )
+
+
+def reference(q, k, v, scale, mask=None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True).float()
+
+
+@pytest.fixture(params=["fused", "matmul"])
+def kernel(request, monkeypatch):
+    if request.param == "matmul":
+        monkeypatch.setattr(pieces, "_CPU_FLASH", None)
+    assert pieces.fused(torch.device("cpu")) == (request.param == "fused")
+    return request.param
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attend_is_attention_with_its_log_sum_exp(kernel, causal):
+    q, k, v = qkv(9, 9 if causal else 13)
+    output, lse = attend(q, k, v, 0.3, causal=causal, max_block_elements=50)
+    mask = torch.ones(9, 9, dtype=torch.bool).tril() if causal else None
+    torch.testing.assert_close(output, reference(q, k, v, 0.3, mask))
+    scores = torch.matmul(q, k.repeat_interleave(2, dim=1).transpose(-1, -2)) * 0.3
+    if causal:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(lse, scores.logsumexp(-1))
+
+
+def test_pieces_over_disjoint_keys_merge_into_attention_over_all(kernel):
+    q, k, v = qkv(7, 30)
+    merged = Merged(attend(q, k[:, :, :10], v[:, :, :10], 0.25))
+    merged.add(attend(q, k[:, :, 10:20], v[:, :, 10:20], 0.25))
+    merged.add(attend(q[:, :, 3:], k[:, :, 20:], v[:, :, 20:], 0.25), slice(3, None))  # later rows see more keys
+    torch.testing.assert_close(merged.output[:, :, :3], reference(q[:, :, :3], k[:, :, :20], v[:, :, :20], 0.25))
+    torch.testing.assert_close(merged.output[:, :, 3:], reference(q[:, :, 3:], k, v, 0.25))
+    # bottom-right causal: the last 7 of 30 positions
+    allowed = torch.arange(30)[None] <= torch.arange(23, 30)[:, None]
+    torch.testing.assert_close(causal_attention(q, k, v, 0.25)[0], reference(q, k, v, 0.25, allowed))
+
+
+def test_attend_in_bfloat16_stays_close():
+    q, k, v = qkv(16, 16, dtype=torch.bfloat16)
+    output, _ = attend(q, k, v, 0.25, causal=True)
+    expected = reference(q.float(), k.float(), v.float(), 0.25, torch.ones(16, 16, dtype=torch.bool).tril())
+    torch.testing.assert_close(output, expected, atol=3e-2, rtol=3e-2)
+
+
+FAR_VIEWS = {
+    "self_extend": lambda w: self_extend_positions(3, w),
+    "rerope": rerope_positions,
+    "leaky_rerope": lambda w: leaky_rerope_positions(w, 4.0),
+}
+
+
+@pytest.mark.parametrize("method", FAR_VIEWS)
+@pytest.mark.parametrize(
+    ("n", "kv", "window"),
+    [(50, 50, 8), (50, 50, 7), (50, 50, 1), (50, 50, 64), (9, 9, 3), (1, 50, 8), (13, 50, 8), (37, 100, 10)],
+)
+def test_two_view_pieces_equal_the_blockwise_two_view_attention(kernel, method, n, kv, window):
+    q, k, v = qkv(n, kv)
+    far = FAR_VIEWS[method](window)
+    inv_freq = rope_inv_freq(10000.0, 16)
+    q_pos, k_pos = torch.arange(kv - n, kv)[None], torch.arange(kv)[None]
+
+    def allowed(start, end):
+        return (torch.arange(kv)[None] <= q_pos[0, start:end, None])[None, None]
+
+    expected = two_view_attention(q, k, v, q_pos, k_pos, far, window, inv_freq, 0.25, allowed)
+    torch.testing.assert_close(two_view_pieces(q, k, v, far, window, inv_freq, 0.25), expected)
+
+
+def _count_calls(monkeypatch, name):
+    calls = []
+    original = getattr(patch, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(patch, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("rope", "knobs", "path"),
+    [
+        ("consistent_ntk", {"bucket": 8}, "causal_attention"),
+        ("self_extend", {"group": 3, "window": 8}, "two_view_pieces"),
+    ],
+)
+def test_the_patched_model_takes_the_pieces_path_on_sdpa_and_matches_the_masked_path(
+    monkeypatch, ids, rope, knobs, path
+):
+    model = enhance_long.apply(tiny_model(), rope=rope, logn=True, **knobs)
+    calls = _count_calls(monkeypatch, path)
+    assembled = logits(model, ids)
+    assert calls, f"sdpa on a CPU should run {path}"
+    monkeypatch.setattr(patch, "fused", lambda device: False)
+    calls.clear()
+    masked = logits(model, ids)
+    assert not calls
+    torch.testing.assert_close(assembled, masked, rtol=0, atol=2e-5)
+
+
+def test_padding_keeps_the_masked_path(monkeypatch):
+    model = enhance_long.apply(tiny_model(), rope="consistent_ntk", bucket=8)
+    calls = _count_calls(monkeypatch, "causal_attention")
+    ids = torch.randint(0, 97, (2, 2 * TRAIN_LEN), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert not calls

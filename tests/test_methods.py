@@ -13,6 +13,7 @@ from enhance_long.methods import (
     ntk_base,
     rope_inv_freq,
     rotate_in_place,
+    rotated,
     rotation_delta,
     scheduled_length,
     yarn_frequencies,
@@ -76,16 +77,20 @@ def test_rotation_delta_turns_one_rotation_into_another():
     torch.testing.assert_close(moved, rotated(fast), rtol=0, atol=2e-6)
 
 
-def test_rotate_in_place_matches_transformers_rotate_half_convention():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotations_match_transformers_rotate_half_convention(dtype):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     keys = torch.randn(2, 3, 7, 8, generator=torch.Generator().manual_seed(2))
     angles = torch.arange(7)[None, :, None].float() * rope_inv_freq(100.0, 8)
     emb = torch.cat((angles, angles), dim=-1).expand(2, -1, -1)
     _, reference = apply_rotary_pos_emb(keys, keys, emb.cos(), emb.sin())
-    ours = keys.clone()
-    rotate_in_place(ours, angles.cos().expand(2, -1, -1), angles.sin().expand(2, -1, -1))
-    torch.testing.assert_close(ours, reference)
+    cos, sin = angles.cos().expand(2, -1, -1), angles.sin().expand(2, -1, -1)
+    ours = keys.to(dtype)
+    tolerance = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(rotated(ours, cos, sin).float(), reference, **tolerance)
+    rotate_in_place(ours, cos, sin)
+    torch.testing.assert_close(ours.float(), reference, **tolerance)
 
 
 def test_yarn_frequencies_come_from_transformers():

@@ -73,6 +73,12 @@ def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     cos = cos[:, None].to(torch.float32)
     sin = sin[:, None].to(torch.float32)
+    if x.dtype == torch.float32:  # straight into the result's halves: no temporaries, no concatenation
+        out = torch.empty_like(x)
+        x1, x2, out1, out2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+        torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1)
+        torch.mul(x2, cos, out=out2).addcmul_(x1, sin)
+        return out
     x1 = x[..., :half].float()
     x2 = x[..., half:].float()
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
@@ -80,4 +86,12 @@ def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def rotate_in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """:func:`rotated`, written back into ``x`` (a KV cache's keys keep their storage)."""
-    x.copy_(rotated(x, cos, sin))
+    if x.dtype != torch.float32:
+        x.copy_(rotated(x, cos, sin))
+        return
+    half = x.shape[-1] // 2
+    cos, sin = cos[:, None].float(), sin[:, None].float()
+    x1, x2 = x[..., :half], x[..., half:]
+    first = x1.clone()
+    x1.mul_(cos).addcmul_(x2, sin, value=-1)
+    x2.mul_(cos).addcmul_(first, sin)

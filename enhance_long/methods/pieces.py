@@ -14,6 +14,8 @@ elsewhere :func:`attend` computes the same pair with matrix products, a bounded 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -22,6 +24,20 @@ _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 def fused(device: torch.device) -> bool:
     """Whether :func:`attend` runs a fused kernel on ``device`` (else it runs matrix products)."""
     return device.type == "cpu" and _CPU_FLASH is not None
+
+
+@functools.cache
+def _native_gqa() -> bool:
+    """Whether the CPU kernel reads key/value head ``h // (heads / kv_heads)`` itself (recent torch does), which
+    saves copying the keys per call; probed once on a tiny input against explicitly repeated heads."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, 3, 8, generator=g) for n in (2, 1, 1))
+    try:
+        output, _ = _CPU_FLASH(q, k, v, 0.0, False)
+    except RuntimeError:
+        return False
+    expected, _ = _CPU_FLASH(q, k.expand(1, 2, 3, 8), v.expand(1, 2, 3, 8), 0.0, False)
+    return torch.allclose(output, expected)
 
 
 def attend(
@@ -39,9 +55,10 @@ def attend(
     Returns (batch, heads, n, dim) and (batch, heads, n).
     """
     heads = query.shape[1]
-    if key.shape[1] != heads:
+    kernel = fused(query.device)
+    if key.shape[1] != heads and not (kernel and _native_gqa()):
         key, value = (t.repeat_interleave(heads // key.shape[1], dim=1) for t in (key, value))
-    if fused(query.device):
+    if kernel:
         output, lse = _CPU_FLASH(query, key, value, 0.0, causal, scale=scale)
         return output.float(), lse
     n, m = query.shape[-2], key.shape[-2]

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from enhance_long.methods.ntk import rotated
-from enhance_long.methods.pieces import Merged, attend
+from enhance_long.methods.pieces import Merged, attend, fused
 
 PositionMap = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -126,7 +126,7 @@ def two_view_pieces(
     q_far_pos, k_far_pos = far_positions(q_pos, k_pos)
     query_far = move_positions(query, q_pos, q_far_pos, inv_freq)
     key_far = move_positions(key, k_pos, k_far_pos, inv_freq)
-    if key.shape[1] != heads:  # once per layer rather than once per call
+    if key.shape[1] != heads and not fused(query.device):  # once per layer rather than once per call
         key, key_far, value = (t.repeat_interleave(heads // key.shape[1], dim=1) for t in (key, key_far, value))
     outputs = []
     for s in range(0, n, window):

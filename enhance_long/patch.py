@@ -565,8 +565,7 @@ def _grouped_attention(stock, backend, plan: ForwardPlan, module, query, key, va
             q = rotated(q, cos[:, n_before + start :], sin[:, n_before + start :])
             k = rotated(k, cos, sin)
         if pieces:
-            output, _ = causal_attention(q, k, v, _scaling(module, kwargs))
-            outputs.append(output.to(value.dtype).transpose(1, 2))
+            outputs.append(causal_attention(q, k, v, _scaling(module, kwargs)).transpose(1, 2).to(value.dtype))
             continue
         mask = _group_mask(backend, plan, attention_mask, start, end, n_before, kv_end, query)
         output, _ = stock(module, q, k, v, mask, **kwargs)

@@ -58,14 +58,20 @@ def test_attend_is_attention_with_its_log_sum_exp(kernel, causal):
 
 def test_pieces_over_disjoint_keys_merge_into_attention_over_all(kernel):
     q, k, v = qkv(7, 30)
-    merged = Merged(attend(q, k[:, :, :10], v[:, :, :10], 0.25))
+    merged = Merged(attend(q, k[:, :, :10], v[:, :, :10], 0.25), into=torch.full(q.shape, float("nan")))
     merged.add(attend(q, k[:, :, 10:20], v[:, :, 10:20], 0.25))
     merged.add(attend(q[:, :, 3:], k[:, :, 20:], v[:, :, 20:], 0.25), slice(3, None))  # later rows see more keys
-    torch.testing.assert_close(merged.output[:, :, :3], reference(q[:, :, :3], k[:, :, :20], v[:, :, :20], 0.25))
-    torch.testing.assert_close(merged.output[:, :, 3:], reference(q[:, :, 3:], k, v, 0.25))
-    # bottom-right causal: the last 7 of 30 positions
+    output = merged.merge()
+    assert output is merged.into
+    torch.testing.assert_close(output[:, :, :3], reference(q[:, :, :3], k[:, :, :20], v[:, :, :20], 0.25))
+    torch.testing.assert_close(output[:, :, 3:], reference(q[:, :, 3:], k, v, 0.25))
+    # bottom-right causal: the last 7 of 30 positions, and a square
     allowed = torch.arange(30)[None] <= torch.arange(23, 30)[:, None]
-    torch.testing.assert_close(causal_attention(q, k, v, 0.25)[0], reference(q, k, v, 0.25, allowed))
+    torch.testing.assert_close(causal_attention(q, k, v, 0.25), reference(q, k, v, 0.25, allowed))
+    square = torch.ones(7, 7, dtype=torch.bool).tril()
+    torch.testing.assert_close(
+        causal_attention(q, k[:, :, :7], v[:, :, :7], 0.25), reference(q, k[:, :, :7], v[:, :, :7], 0.25, square)
+    )
 
 
 def test_attend_in_bfloat16_stays_close():
@@ -97,7 +103,8 @@ def test_two_view_pieces_equal_the_blockwise_two_view_attention(kernel, method, 
         return (torch.arange(kv)[None] <= q_pos[0, start:end, None])[None, None]
 
     expected = two_view_attention(q, k, v, q_pos, k_pos, far, window, inv_freq, 0.25, allowed)
-    torch.testing.assert_close(two_view_pieces(q, k, v, far, window, inv_freq, 0.25), expected)
+    for block in (4, 128):
+        torch.testing.assert_close(two_view_pieces(q, k, v, far, window, inv_freq, 0.25, block=block), expected)
 
 
 def _count_calls(monkeypatch, name):

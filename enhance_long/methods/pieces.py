@@ -78,34 +78,44 @@ def attend(
 
 
 class Merged:
-    """A running attention output over the key pieces added so far, per query row.
+    """Attention of a block of query rows over the key pieces added to it, merged once at the end.
 
-    Starts from a piece every row has a key in (the causal square holding each query's own key), so no row's
-    log-sum-exp is ever -inf; later pieces may cover a contiguous subset of the rows.
+    ``into`` (batch, heads, rows, dim), float32, receives the result (it may be a view into a larger output, so
+    blocks write where they belong without a final concatenation). The first piece must give every row a key (the
+    causal square holding each query's own key), so no row's log-sum-exp is -inf; later pieces may cover a
+    contiguous subset of the rows. Each piece costs one fused multiply-add over its rows when merged.
     """
 
-    def __init__(self, piece: tuple[torch.Tensor, torch.Tensor]):
-        output, lse = piece
-        self.output = output.float().contiguous()
-        self.lse = lse.float().contiguous()
+    def __init__(self, piece: tuple[torch.Tensor, torch.Tensor], into: torch.Tensor):
+        self.into = into
+        self.pieces = [(piece, slice(None))]
 
     def add(self, piece: tuple[torch.Tensor, torch.Tensor], rows: slice = slice(None)) -> None:
-        output, lse = piece
-        old = self.lse[:, :, rows]
-        new = torch.logaddexp(old, lse)
-        mixed = self.output[:, :, rows] * (old - new).exp()[..., None] + output * (lse - new).exp()[..., None]
-        self.output[:, :, rows] = mixed
-        self.lse[:, :, rows] = new
+        self.pieces.append((piece, rows))
+
+    def merge(self) -> torch.Tensor:
+        """Write the merged attention into ``into`` and return it."""
+        (_, total), _ = self.pieces[0]
+        total = total.float().clone()
+        for (_, lse), rows in self.pieces[1:]:
+            total[:, :, rows] = torch.logaddexp(total[:, :, rows], lse)
+        self.into.zero_()
+        for (output, lse), rows in self.pieces:
+            weight = (lse - total[:, :, rows]).exp()[..., None]
+            self.into[:, :, rows].addcmul_(output, weight)
+        return self.into
 
 
-def causal_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of the last ``n`` of ``m`` positions (queries (b, h, n, d), keys (b, h_kv, m, d)): the
     bottom-right causal mask, as two unmasked-or-square pieces: keys ``0..m-n-1`` (all visible) and a causal square.
+    Returns (b, h, n, d) float32, laid out as (b, n, h, d) in memory (a transpose away from transformers' layout).
     """
     n, m = query.shape[-2], key.shape[-2]
-    merged = Merged(attend(query, key[:, :, m - n :], value[:, :, m - n :], scale, causal=True))
-    if m > n:
-        merged.add(attend(query, key[:, :, : m - n], value[:, :, : m - n], scale))
-    return merged.output, merged.lse
+    square = attend(query, key[:, :, m - n :], value[:, :, m - n :], scale, causal=True)
+    if m == n:
+        return square[0]
+    output = torch.empty(query.shape[0], n, query.shape[1], value.shape[-1], device=query.device)
+    merged = Merged(square, into=output.transpose(1, 2))
+    merged.add(attend(query, key[:, :, : m - n], value[:, :, : m - n], scale))
+    return merged.merge()

@@ -105,11 +105,12 @@ def two_view_pieces(
     window: int,
     inv_freq: torch.Tensor,
     scaling: float,
+    block: int = 512,
 ) -> torch.Tensor:
     """:func:`two_view_attention` for the common case, causal with no padding: query row r at position
     ``p0 + r`` and key slot j at position j (``p0 = kv - q``), built from kernel calls merged by log-sum-exp.
 
-    Queries go in blocks of ``window`` rows; a block at positions [a, b) reads keys
+    Queries go in blocks of ``L = min(block, window)`` rows; a block at positions [a, b) reads keys
 
         [0, a-W+1)          far view, every query                     one unmasked call
         [a-W+1, b-W)        far for j <= P-W (a causal square once the first row is dropped),
@@ -117,7 +118,10 @@ def two_view_pieces(
         [b-W, a)            near view, every query                    one unmasked call
         [a, b)              near view, causal                         one causal square
 
-    (ranges clipped at 0), so no call needs a mask and no row builds scores for keys it cannot see.
+    (ranges clipped at 0), so no call needs a mask. A causal call also computes the masked half of its diagonal
+    tiles: with the CPU kernel's query tiles of qs rows (256 from 768 rows up, 64 from 192, else 32) the three
+    squares per block waste about ``3 * qs / n`` of the work, so blocks of 192..767 rows (qs = 64) waste least
+    while keeping calls large enough to run at full speed (small calls lose more than the waste they save).
     """
     heads, n, kv = query.shape[1], query.shape[-2], key.shape[-2]
     p0 = kv - n
@@ -128,13 +132,16 @@ def two_view_pieces(
     key_far = move_positions(key, k_pos, k_far_pos, inv_freq)
     if key.shape[1] != heads and not fused(query.device):  # once per layer rather than once per call
         key, key_far, value = (t.repeat_interleave(heads // key.shape[1], dim=1) for t in (key, key_far, value))
-    outputs = []
-    for s in range(0, n, window):
-        e = min(s + window, n)
+    output = torch.empty(query.shape[0], n, heads, value.shape[-1], device=query.device)
+    step = max(1, min(block, window))
+    for s in range(0, n, step):
+        e = min(s + step, n)
         a, b = p0 + s, p0 + e
         lo, hi = max(0, a - window + 1), max(0, b - window)  # the mixed strip [lo, hi)
         near, far = query[:, :, s:e], query_far[:, :, s:e]
-        merged = Merged(attend(near, key[:, :, a:b], value[:, :, a:b], scaling, causal=True))
+        merged = Merged(
+            attend(near, key[:, :, a:b], value[:, :, a:b], scaling, causal=True), output[:, s:e].transpose(1, 2)
+        )
         if a > hi:
             merged.add(attend(near, key[:, :, hi:a], value[:, :, hi:a], scaling))
         if lo > 0:
@@ -147,9 +154,9 @@ def two_view_pieces(
             )
             # near: rows a .. b-2 read strip keys j > P - W; reversed, row t reads keys t' <= t
             rows = e - s - 1
-            output, lse = attend(
+            reversed_output, lse = attend(
                 near[:, :, :rows].flip(2), key[:, :, lo:hi].flip(2), value[:, :, lo:hi].flip(2), scaling, True
             )
-            merged.add((output.flip(2), lse.flip(2)), slice(0, rows))
-        outputs.append(merged.output)
-    return torch.cat(outputs, dim=2).to(value.dtype).transpose(1, 2).contiguous()
+            merged.add((reversed_output.flip(2), lse.flip(2)), slice(0, rows))
+        merged.merge()
+    return output.to(value.dtype)

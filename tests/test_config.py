@@ -181,7 +181,7 @@ def test_leaderboard_gives_each_task_its_own_lengths_and_knobs(task, ctxs, trial
     assert validate(cfg, list(enhance_long.METHODS)) == ctxs
     assert (cfg.name, cfg.logn.enabled, cfg.rope.name) == ("leaderboard", False, "self_extend")
     if trials is not None:
-        assert cfg.task.trials == trials and list(cfg.task.depths) == [0.1, 0.5, 0.9]
+        assert cfg.task.trials == trials and list(cfg.task.depths) == [0.1, 0.5]
 
 
 def test_per_task_overrides_must_be_config_keys():

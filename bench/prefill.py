@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(enhance_long.METHODS), help="rope methods to patch in")
     p.add_argument("--train-len", type=int, help="T the methods extend from (default: the model's trained length)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds per length before the timed ones")
+    p.add_argument("--logn", choices=("both", "on", "off"), default="both", help="LogN settings to time per method")
     args = p.parse_args()
     unknown = sorted(set(args.methods) - set(enhance_long.METHODS))
     if unknown:
@@ -79,7 +80,8 @@ def main() -> None:
     n_repeats = start(args)
     model, _, trained = load(args.quick)
     train_len = args.train_len or trained
-    rows = measure(model, train_len, lengths, args.methods, (False, True), n_repeats, args.warmup)
+    logn_options = {"both": (False, True), "on": (True,), "off": (False,)}[args.logn]
+    rows = measure(model, train_len, lengths, args.methods, logn_options, n_repeats, args.warmup)
     columns = ["length", "case", "seconds", "tokens_per_s", "vs_stock", "vs_stock_min", "vs_stock_max", "target_met"]
     settings = {"train_len": train_len, "repeats": n_repeats, "warmup": args.warmup, "attention": "sdpa"}
     text = f"prefill, T={train_len}, {n_repeats} repeats, target <= {TARGET}x stock\n" + table(rows, columns)

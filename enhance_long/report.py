@@ -149,6 +149,18 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _styles(order: Sequence[str]) -> dict[str, dict]:
+    """A distinct line per method: the ten default colours, then the same colours dashed, dotted, ..."""
+    from matplotlib import colormaps
+
+    colours = colormaps["tab10"].colors
+    lines, markers = ("-", "--", ":", "-."), ("o", "s", "^", "D")
+    return {
+        label: {"color": colours[i % 10], "linestyle": lines[i // 10 % 4], "marker": markers[i // 10 % 4]}
+        for i, label in enumerate(order)
+    }
+
+
 def plot_ppl_vs_length(rows: Sequence[dict], path: Path) -> Path | None:
     rows = aggregate_rows(r for r in rows if r.get("task") == "perplexity")
     if not rows:
@@ -156,9 +168,10 @@ def plot_ppl_vs_length(rows: Sequence[dict], path: Path) -> Path | None:
     order, ctxs, cells = _grid(rows, "ppl")
     fig, axes = _figure(1, width=6.5, height=4.5)
     ax = axes[0][0]
+    styles = _styles(order)
     for label in order:
         points = [(c, cells[(label, c)][-1]) for c in ctxs if (label, c) in cells]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=label, **styles[label])
     ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity")
     ax.set_xticks(ctxs, [str(c) for c in ctxs])
     ax.set_title(f"Perplexity vs length ({_describe(rows)})", fontsize=9)
@@ -175,13 +188,15 @@ def plot_ppl_by_position(rows: Sequence[dict], path: Path) -> Path | None:
     order = _ordered_labels(rows, label_of)
     ctxs = sorted({row["ctx"] for row in rows})
     fig, axes = _figure(len(ctxs))
+    styles = _styles(order)
     for ax, ctx in zip(axes[0], ctxs, strict=True):
         for label in order:
             matching = [r for r in rows if r["ctx"] == ctx and label_of[r["key"]] == label]
             if not matching:
                 continue
             buckets = [b for b in matching[-1]["buckets"] if b["ppl"] is not None]
-            ax.plot([b["end"] for b in buckets], [b["ppl"] for b in buckets], marker=".", label=label)
+            style = {**styles[label], "marker": "."}
+            ax.plot([b["end"] for b in buckets], [b["ppl"] for b in buckets], label=label, **style)
         ax.set(yscale="log", xlabel="position in window (bucket end, tokens)", ylabel="perplexity", title=f"ctx={ctx}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)

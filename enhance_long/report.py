@@ -211,8 +211,13 @@ def plot_passkey_heatmap(rows: Sequence[dict], path: Path) -> Path | None:
     order = _ordered_labels(rows, label_of)
     ctxs = sorted({r["ctx"] for r in rows})
     depths = sorted({r["depth"] for r in rows})
-    fig, axes = _figure(len(order), width=max(3.0, 1.1 * len(ctxs) + 1.5), height=max(3.0, 0.45 * len(depths) + 1.5))
-    for ax, label in zip(axes[0], order, strict=True):
+    ncols = min(4, len(order))  # wrap: a leaderboard has a dozen methods
+    nrows = -(-len(order) // ncols)
+    width, height = max(3.0, 1.1 * len(ctxs) + 1.5), max(3.0, 0.45 * len(depths) + 1.5)
+    fig, axes = _figure(ncols, nrows, width=width, height=height)
+    for ax in axes.flat[len(order) :]:
+        ax.set_axis_off()
+    for ax, label in zip(axes.flat, order, strict=False):
         grid = [[math.nan] * len(ctxs) for _ in depths]
         for r in rows:
             if label_of[r["key"]] == label:
@@ -226,7 +231,7 @@ def plot_passkey_heatmap(rows: Sequence[dict], path: Path) -> Path | None:
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set(xlabel="context length", ylabel="depth", title=label)
         ax.title.set_fontsize(8)
-    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
+    fig.colorbar(image, ax=axes.ravel().tolist(), label="accuracy")
     return _save(fig, path)
 
 

@@ -10,23 +10,31 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def tiny_model(
-    family: str = "llama", attention: str = "sdpa", rope_parameters: dict | None = None, seed: int = 0, layers: int = 2
+    family: str = "llama",
+    attention: str = "sdpa",
+    rope_parameters: dict | None = None,
+    seed: int = 0,
+    layers: int = 2,
+    **config,
 ):
-    """A random model (2 layers by default) of ``family`` with GQA (4 query heads, 2 key/value heads), fp32, eval mode."""
-    config = AutoConfig.for_model(
-        family,
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=TRAIN_LEN,
-        rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
-        sliding_window=None,
-        attn_implementation=attention,
-    )
+    """A random model (2 layers by default) of ``family`` with GQA (4 query heads, 2 key/value heads), fp32, eval mode.
+
+    ``config`` overrides further config fields (a tokenizer's ``vocab_size`` and special token ids, the trained
+    length ``max_position_embeddings``)."""
+    settings = {
+        "vocab_size": 97,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": TRAIN_LEN,
+        "rope_parameters": rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
+        "sliding_window": None,
+        "attn_implementation": attention,
+    }
+    config = AutoConfig.for_model(family, **{**settings, **config})
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 

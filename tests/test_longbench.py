@@ -11,10 +11,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_model
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 import enhance_long
 import enhance_long.config  # noqa: F401  (registers the config schemas and experiments with Hydra)
@@ -109,21 +110,11 @@ def chat_tokenizer(tokenizer) -> PreTrainedTokenizerFast:
     return chat
 
 
-def tiny_llama(tokenizer, train_len: int = 64) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=train_len,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
+def tiny_llama(tokenizer, train_len: int = 64):
+    """conftest's tiny Llama, speaking this byte-level tokenizer (its vocabulary and special ids)."""
+    return tiny_model(
+        vocab_size=len(tokenizer), max_position_embeddings=train_len, bos_token_id=0, eos_token_id=1, pad_token_id=2
     )
-    return LlamaForCausalLM(config).eval()
 
 
 def task_cfg(path, datasets=("hotpotqa",), **overrides):

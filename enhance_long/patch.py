@@ -565,7 +565,9 @@ def _grouped_attention(stock, backend, plan: ForwardPlan, module, query, key, va
             q = rotated(q, cos[:, n_before + start :], sin[:, n_before + start :])
             k = rotated(k, cos, sin)
         if pieces:
-            outputs.append(causal_attention(q, k, v, _scaling(module, kwargs)).transpose(1, 2).to(value.dtype))
+            outputs.append(
+                causal_attention(q, k, v, _scaling(module, kwargs.get("scaling"))).transpose(1, 2).to(value.dtype)
+            )
             continue
         mask = _group_mask(backend, plan, attention_mask, start, end, n_before, kv_end, query)
         output, _ = stock(module, q, k, v, mask, **kwargs)
@@ -589,8 +591,8 @@ def _pieces_apply(backend: str, plan: ForwardPlan, module, query, key, attention
     return plan.memo[memo_key]
 
 
-def _scaling(module, kwargs) -> float:
-    scaling = kwargs.get("scaling")
+def _scaling(module, scaling: float | None) -> float:
+    """The softmax scale a backend was given, else the layer's own (as transformers' backends do)."""
     return module.scaling if scaling is None else scaling
 
 
@@ -639,7 +641,7 @@ def _two_view(state: PatchState, module, query, key, value, attention_mask, scal
     """Self-Extend / ReRoPE attention: exact scores within the window, the far view beyond, one softmax."""
     plan = state.plan
     window = state.settings.knobs["window"]
-    scaling = module.scaling if scaling is None else scaling
+    scaling = _scaling(module, scaling)
     if _pieces_apply(state.backend, plan, module, query, key, attention_mask, kwargs):
         return two_view_pieces(query, key, value, state.far_view, window, plan.rope.inv_freq, scaling), None
     q_len, kv_len = query.shape[-2], key.shape[-2]

@@ -86,12 +86,4 @@ def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def rotate_in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """:func:`rotated`, written back into ``x`` (a KV cache's keys keep their storage)."""
-    if x.dtype != torch.float32:
-        x.copy_(rotated(x, cos, sin))
-        return
-    half = x.shape[-1] // 2
-    cos, sin = cos[:, None].float(), sin[:, None].float()
-    x1, x2 = x[..., :half], x[..., half:]
-    first = x1.clone()
-    x1.mul_(cos).addcmul_(x2, sin, value=-1)
-    x2.mul_(cos).addcmul_(first, sin)
+    x.copy_(rotated(x, cos, sin))

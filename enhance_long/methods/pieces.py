@@ -109,7 +109,7 @@ class Merged:
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of the last ``n`` of ``m`` positions (queries (b, h, n, d), keys (b, h_kv, m, d)): the
     bottom-right causal mask, as two unmasked-or-square pieces: keys ``0..m-n-1`` (all visible) and a causal square.
-    Returns (b, h, n, d) float32, laid out as (b, n, h, d) in memory (a transpose away from transformers' layout).
+    Returns (b, h, n, d) float32 (with more than a square, laid out as (b, n, h, d): transformers' layout).
     """
     n, m = query.shape[-2], key.shape[-2]
     square = attend(query, key[:, :, m - n :], value[:, :, m - n :], scale, causal=True)

@@ -296,6 +296,7 @@ class ForwardPlan:
     """What the pre-hook derives once per forward and every attention layer reuses."""
 
     positions: torch.Tensor  # (batch or 1, q_len) position ids of this forward's queries
+    seq_len: int  # largest position + 1
     query_scale: torch.Tensor | None  # (batch or 1, 1, q_len, 1) LogN factors, None when all are 1
     rope: Rope  # the frequencies the rotary embedding uses in this forward (those of its largest query group)
     groups: list[tuple[int, int, Rope]]  # (start, end, rope) query runs sharing a base; [] = one base
@@ -449,7 +450,7 @@ def _make_pre_hook(state: PatchState):
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             if cache is not None:
                 _sync_cache(state, cache, positions, rope)
-        state.plan = ForwardPlan(positions, query_scale, rope, groups)
+        state.plan = ForwardPlan(positions, seq_len, query_scale, rope, groups)
         return None
 
     return before_forward
@@ -641,6 +642,10 @@ def _two_view(state: PatchState, module, query, key, value, attention_mask, scal
     """Self-Extend / ReRoPE attention: exact scores within the window, the far view beyond, one softmax."""
     plan = state.plan
     window = state.settings.knobs["window"]
+    if plan.seq_len <= window:  # no key is farther than the window: the far view is never read
+        return _stock_attention(state.backend, module)(
+            module, query, key, value, attention_mask, scaling=scaling, **kwargs
+        )
     scaling = _scaling(module, scaling)
     if _pieces_apply(state.backend, plan, module, query, key, attention_mask, kwargs):
         return two_view_pieces(query, key, value, state.far_view, window, plan.rope.inv_freq, scaling), None

@@ -132,11 +132,22 @@ def test_position_remapping_methods_are_consistent_with_the_cache(rope, knobs, i
     torch.testing.assert_close(torch.cat(chunks, dim=1), logits(model, ids), rtol=0, atol=2e-5)
 
 
-def test_position_remapping_is_the_stock_model_within_its_window(ids):
+def test_position_remapping_is_the_stock_model_within_its_window(monkeypatch, ids):
+    import enhance_long.patch as patch
+
+    merged = []
+    for name in ("two_view_pieces", "two_view_attention"):
+        original = getattr(patch, name)
+        monkeypatch.setattr(patch, name, lambda *a, original=original, **k: merged.append(1) or original(*a, **k))
     stock = logits(tiny_model(), ids[:, :20])
     for rope, knobs in (("self_extend", {"group": 4, "window": 20}), ("rerope", {"window": 20})):
         model = enhance_long.apply(tiny_model(), rope=rope, logn=False, **knobs)
-        torch.testing.assert_close(logits(model, ids[:, :20]), stock, rtol=0, atol=1e-5)
+        # no key is 20 tokens away: the stock attention runs, bit for bit
+        torch.testing.assert_close(logits(model, ids[:, :20]), stock, rtol=0, atol=0)
+        assert not merged
+        logits(model, ids[:, :21])
+        assert merged, "one token past the window, the two views are merged"
+        merged.clear()
 
 
 def test_position_remapping_keeps_far_relative_positions_inside_the_trained_range():

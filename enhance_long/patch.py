@@ -291,6 +291,9 @@ def _stock_backend(config) -> str:
     return name.removeprefix(ATTENTION_PREFIX)
 
 
+ROTATION_MEMO_BYTES = 1 << 30  # per forward; a 16k forward at the default bucket holds about 0.1 GiB
+
+
 @dataclass
 class ForwardPlan:
     """What the pre-hook derives once per forward and every attention layer reuses."""
@@ -558,11 +561,7 @@ def _grouped_attention(stock, backend, plan: ForwardPlan, module, query, key, va
         kv_end = n_before + end
         q, k, v = query[:, :, start:end], key[:, :, :kv_end], value[:, :, :kv_end]
         if rope is not plan.rope:
-            memo_key = ("rotation", start, kv_len)
-            if memo_key not in plan.memo:
-                slots = _slot_positions(plan.positions, n_before, kv_end)
-                plan.memo[memo_key] = _rerotation(slots, plan.rope, rope)
-            cos, sin = plan.memo[memo_key]
+            cos, sin = _group_rotation(plan, start, kv_len, n_before, kv_end, rope)
             q = rotated(q, cos[:, n_before + start :], sin[:, n_before + start :])
             k = rotated(k, cos, sin)
         if pieces:
@@ -574,6 +573,22 @@ def _grouped_attention(stock, backend, plan: ForwardPlan, module, query, key, va
         output, _ = stock(module, q, k, v, mask, **kwargs)
         outputs.append(output)
     return torch.cat(outputs, dim=1).contiguous(), None
+
+
+def _group_rotation(plan: ForwardPlan, start: int, kv_len: int, n_before: int, kv_end: int, rope: Rope):
+    """cos/sin re-rotating a group's key prefix to its base: formed by the first layer and kept for the others while
+    the forward's rotations fit in ``ROTATION_MEMO_BYTES``, formed anew per layer beyond that (bucket=1 over a
+    long input has thousands of groups, whose rotations together would take tens of GiB)."""
+    memo_key = ("rotation", start, kv_len)
+    if memo_key in plan.memo:
+        return plan.memo[memo_key]
+    rotation = _rerotation(_slot_positions(plan.positions, n_before, kv_end), plan.rope, rope)
+    size = sum(t.numel() * t.element_size() for t in rotation)
+    held = plan.memo.get("rotation_bytes", 0)
+    if held + size <= ROTATION_MEMO_BYTES:
+        plan.memo[memo_key] = rotation
+        plan.memo["rotation_bytes"] = held + size
+    return rotation
 
 
 def _pieces_apply(backend: str, plan: ForwardPlan, module, query, key, attention_mask, kwargs) -> bool:

@@ -47,6 +47,7 @@ from enhance_long.methods.ntk import (
 from enhance_long.methods.pieces import causal_attention, fused
 from enhance_long.methods.relative import (
     PositionMap,
+    far_view_moves,
     leaky_rerope_positions,
     rerope_positions,
     self_extend_positions,
@@ -663,7 +664,13 @@ def _two_view(state: PatchState, module, query, key, value, attention_mask, scal
         )
     scaling = _scaling(module, scaling)
     if _pieces_apply(state.backend, plan, module, query, key, attention_mask, kwargs):
-        return two_view_pieces(query, key, value, state.far_view, window, plan.rope.inv_freq, scaling), None
+        shape = ("far view", query.shape[-2], key.shape[-2])
+        if shape not in plan.memo:
+            plan.memo[shape] = far_view_moves(*shape[1:], state.far_view, plan.rope.inv_freq)
+        moves = plan.memo[shape]
+        return two_view_pieces(
+            query, key, value, state.far_view, window, plan.rope.inv_freq, scaling, moves=moves
+        ), None
     q_len, kv_len = query.shape[-2], key.shape[-2]
     n_before = kv_len - q_len
     k_pos = _slot_positions(plan.positions, n_before, kv_len)

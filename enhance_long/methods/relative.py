@@ -47,13 +47,27 @@ def leaky_rerope_positions(window: int, leak: float) -> PositionMap:
     return far
 
 
-def move_positions(x: torch.Tensor, from_pos: torch.Tensor, to_pos: torch.Tensor, inv_freq: torch.Tensor):
-    """A copy of ``x`` (batch, heads, seq, dim), rotated at ``from_pos`` (batch, seq), re-rotated to ``to_pos``.
+def position_move(from_pos: torch.Tensor, to_pos: torch.Tensor, inv_freq: torch.Tensor):
+    """cos and sin (batch, seq, dim/2) that turn vectors rotated at ``from_pos`` into vectors rotated at ``to_pos``.
 
     The angle difference is formed in float64 so fractional positions (leaky ReRoPE) stay exact enough.
     """
     angle = (to_pos.double() - from_pos.double())[..., None] * inv_freq.double()
-    return rotated(x, angle.cos().float(), angle.sin().float())
+    return angle.cos().float(), angle.sin().float()
+
+
+def move_positions(x: torch.Tensor, from_pos: torch.Tensor, to_pos: torch.Tensor, inv_freq: torch.Tensor):
+    """A copy of ``x`` (batch, heads, seq, dim), rotated at ``from_pos`` (batch, seq), re-rotated to ``to_pos``."""
+    return rotated(x, *position_move(from_pos, to_pos, inv_freq))
+
+
+def far_view_moves(n: int, kv: int, far_positions: PositionMap, inv_freq: torch.Tensor):
+    """The (query, key) :func:`position_move` pairs into the far view when ``n`` queries end a run of ``kv``
+    contiguous positions from 0: what :func:`two_view_pieces` applies, the same in every layer of a forward."""
+    q_pos = torch.arange(kv - n, kv, device=inv_freq.device)[None]
+    k_pos = torch.arange(kv, device=inv_freq.device)[None]
+    q_far_pos, k_far_pos = far_positions(q_pos, k_pos)
+    return position_move(q_pos, q_far_pos, inv_freq), position_move(k_pos, k_far_pos, inv_freq)
 
 
 def two_view_attention(
@@ -106,6 +120,7 @@ def two_view_pieces(
     inv_freq: torch.Tensor,
     scaling: float,
     block: int = 256,
+    moves: tuple | None = None,
 ) -> torch.Tensor:
     """:func:`two_view_attention` for the common case, causal with no padding: query row r at position
     ``p0 + r`` and key slot j at position j (``p0 = kv - q``), built from kernel calls merged by log-sum-exp.
@@ -122,15 +137,13 @@ def two_view_pieces(
     512 keys wide (its key tile) and masks half, so the three squares cost about ``1.5 * L`` wasted scores per
     row: smaller blocks waste less, while the unmasked calls want enough rows for the kernel's largest query
     tiles (256 rows per key head from 768 stacked rows on, see :func:`attend`). Of 128, 256 and 512 rows, 256
-    ran fastest at 4k and 8k tokens.
+    ran fastest at 4k and 8k tokens. ``moves``: :func:`far_view_moves` of this shape, when the caller keeps them
+    across layers.
     """
     heads, n, kv = query.shape[1], query.shape[-2], key.shape[-2]
     p0 = kv - n
-    q_pos = torch.arange(p0, kv, device=query.device)[None]
-    k_pos = torch.arange(kv, device=query.device)[None]
-    q_far_pos, k_far_pos = far_positions(q_pos, k_pos)
-    query_far = move_positions(query, q_pos, q_far_pos, inv_freq)
-    key_far = move_positions(key, k_pos, k_far_pos, inv_freq)
+    to_query, to_key = moves or far_view_moves(n, kv, far_positions, inv_freq)
+    query_far, key_far = rotated(query, *to_query), rotated(key, *to_key)
     if key.shape[1] != heads and not fused(query.device):  # once per layer rather than once per call
         key, key_far, value = (t.repeat_interleave(heads // key.shape[1], dim=1) for t in (key, key_far, value))
     output = torch.empty(query.shape[0], n, heads, value.shape[-1], device=query.device)

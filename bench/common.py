@@ -130,29 +130,65 @@ def interleaved(
 
     With ``peaks`` and a GPU in use, ``peaks[name]`` gets the case's peak ``torch.cuda.max_memory_allocated``.
     """
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     samples: dict[str, list[float]] = {case.name: [] for case in cases}
     for round_index in range(warmup + repeats):
         shift = round_index % len(cases)
         for case in [*cases[shift:], *cases[:shift]]:
-            case.prepare()
-            synchronize()
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            case.run()
-            synchronize()
-            elapsed = time.perf_counter() - start
-            if round_index >= warmup:
-                samples[case.name].append(elapsed / case.units)
-            if cuda and peaks is not None:
-                peaks[case.name] = max(peaks.get(case.name, 0), torch.cuda.max_memory_allocated())
+            _timed(case, samples if round_index >= warmup else None, peaks)
     return samples
 
 
-def compare(samples: dict[str, list[float]], name: str, reference: str) -> dict:
-    """Median seconds of ``name`` and its paired ratio to ``reference``: median and min-max over repeats."""
-    ratios = [a / b for a, b in zip(samples[name], samples[reference], strict=True)]
+def sandwiched(
+    cases: Sequence[Case], repeats: int, warmup: int = 1, peaks: dict[str, int] | None = None
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Like :func:`interleaved`, with the first case (the reference) run again between every two others:
+    ``ref, a, ref, b, ref, ...``. Each other case's ratio per repeat is its time over the mean of the two reference
+    runs right before and after it, which cancels a machine that drifts slower or faster over minutes (as a shared
+    one does) instead of pairing runs many minutes apart. Returns (seconds per case, ratios per non-reference case).
+    """
+    reference, others = cases[0], list(cases[1:])
+    samples: dict[str, list[float]] = {case.name: [] for case in cases}
+    ratios: dict[str, list[float]] = {case.name: [] for case in others}
+    for round_index in range(warmup + repeats):
+        shift = round_index % max(1, len(others))
+        order = others[shift:] + others[:shift]
+        before = _timed(reference, samples if round_index >= warmup else None, peaks)
+        for case in order:
+            elapsed = _timed(case, samples if round_index >= warmup else None, peaks)
+            after = _timed(reference, samples if round_index >= warmup else None, peaks)
+            if round_index >= warmup:
+                ratios[case.name].append(elapsed / ((before + after) / 2))
+            before = after
+    return samples, ratios
+
+
+def _timed(case: Case, samples: dict[str, list[float]] | None, peaks: dict[str, int] | None) -> float:
+    """Prepare (untimed) and run ``case`` once; seconds per unit, recorded in ``samples`` when given."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    case.prepare()
+    synchronize()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    case.run()
+    synchronize()
+    elapsed = (time.perf_counter() - start) / case.units
+    if samples is not None:
+        samples[case.name].append(elapsed)
+    if cuda and peaks is not None:
+        peaks[case.name] = max(peaks.get(case.name, 0), torch.cuda.max_memory_allocated())
+    return elapsed
+
+
+def compare(
+    samples: dict[str, list[float]], name: str, reference: str, ratios: Sequence[float] | None = None
+) -> dict:
+    """Median seconds of ``name`` and its paired ratio to ``reference``: median and min-max over repeats.
+
+    ``ratios``: the per-repeat ratios when the caller paired them itself (:func:`sandwiched`); by default the
+    repeats of ``name`` and ``reference`` are paired in order (:func:`interleaved`)."""
+    if ratios is None:
+        ratios = [a / b for a, b in zip(samples[name], samples[reference], strict=True)]
     return {
         "seconds": statistics.median(samples[name]),
         f"vs_{reference}": statistics.median(ratios),

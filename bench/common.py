@@ -3,7 +3,9 @@
 Timing protocol: each repeat runs every case once, in an order rotated by one each repeat, so a slow spell of a
 shared machine hits all cases alike. A case's ``prepare`` (apply or remove a method, build a cache) is not timed.
 The ratio of a case to its reference is the median of the per-repeat ratios (paired: same repeat, adjacent in
-time), reported with their min-max range as the noise band; seconds are the median over repeats.
+time), reported with their min-max range as the noise band; seconds are the median over repeats. With
+:func:`sandwiched` (prefill, attention) the reference runs before and after every case and each ratio is to the
+mean of those two runs, which pairs tighter when one round takes many minutes.
 
 Peak memory on a CPU is the process's resident-set high-water mark (``VmHWM``), reset to the current resident
 set right before the measured call (``/proc/self/clear_refs``), in a fresh subprocess per measurement so two
@@ -180,9 +182,7 @@ def _timed(case: Case, samples: dict[str, list[float]] | None, peaks: dict[str, 
     return elapsed
 
 
-def compare(
-    samples: dict[str, list[float]], name: str, reference: str, ratios: Sequence[float] | None = None
-) -> dict:
+def compare(samples: dict[str, list[float]], name: str, reference: str, ratios: Sequence[float] | None = None) -> dict:
     """Median seconds of ``name`` and its paired ratio to ``reference``: median and min-max over repeats.
 
     ``ratios``: the per-repeat ratios when the caller paired them itself (:func:`sandwiched`); by default the

@@ -17,16 +17,17 @@ all layers (the pre-hook, the memo of group rotations, formed by the first layer
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import enhance_long
-from bench.common import Case, compare, load, parser, report, sandwiched, start, table
-from bench.prefill import keep_layers
+from bench.common import Case, compare, keep_layers, load, parser, report, sandwiched, start, table
 
 
-def captured_call(model, ids: torch.Tensor) -> Case:
-    """The first layer's attention call in one forward of ``ids`` (through that layer only), replayable."""
+def captured_call(model, ids: torch.Tensor) -> Callable[[], None]:
+    """The first layer's attention call in one forward of ``ids`` (through that layer only), as a replay."""
     name = model.config._attn_implementation
     attention = ALL_ATTENTION_FUNCTIONS[name]
     captured = {}
@@ -44,7 +45,6 @@ def captured_call(model, ids: torch.Tensor) -> Case:
         ALL_ATTENTION_FUNCTIONS._global_mapping[name] = attention
     state = getattr(model, "_enhance_long", None)
     plan = state.plan if state is not None else None
-
     module = captured["args"][0]
 
     def run():
@@ -53,7 +53,7 @@ def captured_call(model, ids: torch.Tensor) -> Case:
         with torch.inference_mode():
             attention(*captured["args"], **captured["kwargs"])
 
-    return Case(name, run)
+    return run
 
 
 def measure(model, train_len: int, lengths, methods, n_repeats: int, warmup: int) -> list[dict]:
@@ -62,10 +62,10 @@ def measure(model, train_len: int, lengths, methods, n_repeats: int, warmup: int
         ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
         ids = ids.to(model.get_input_embeddings().weight.device)
         enhance_long.remove(model)
-        cases = [Case("stock", captured_call(model, ids).run)]
+        cases = [Case("stock", captured_call(model, ids))]
         for rope in methods:
             enhance_long.apply(model, rope=rope, logn=False, train_len=train_len)
-            cases.append(Case(rope, captured_call(model, ids).run))
+            cases.append(Case(rope, captured_call(model, ids)))
         enhance_long.remove(model)
         samples, ratios = sandwiched(cases, n_repeats, warmup)
         for case in cases:

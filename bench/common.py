@@ -77,6 +77,15 @@ def load(quick: bool, attention: str = "sdpa"):
     return model, tokenizer, trained_length(model.config)
 
 
+def keep_layers(model, n: int) -> None:
+    """Cut ``model`` to its first ``n`` decoder layers, in place; a bad count exits with one line."""
+    layers = model.get_decoder().layers
+    if not 1 <= n <= len(layers):
+        raise SystemExit(f"--layers={n} is invalid; give an integer from 1 to {len(layers)} (the model's layers)")
+    model.get_decoder().layers = layers[:n]
+    model.config.num_hidden_layers = n
+
+
 def builtin_dynamic_rotary(model, alpha: float) -> torch.nn.Module:
     """transformers' own dynamic NTK rotary embedding (``rope_type="dynamic"``, factor=alpha) for ``model``'s shape,
     to swap in for the stock one: the same weights then run transformers' built-in (cache-inconsistent) method."""
@@ -154,11 +163,12 @@ def sandwiched(
     for round_index in range(warmup + repeats):
         shift = round_index % max(1, len(others))
         order = others[shift:] + others[:shift]
-        before = _timed(reference, samples if round_index >= warmup else None, peaks)
+        record = samples if round_index >= warmup else None
+        before = _timed(reference, record, peaks)
         for case in order:
-            elapsed = _timed(case, samples if round_index >= warmup else None, peaks)
-            after = _timed(reference, samples if round_index >= warmup else None, peaks)
-            if round_index >= warmup:
+            elapsed = _timed(case, record, peaks)
+            after = _timed(reference, record, peaks)
+            if record is not None:
                 ratios[case.name].append(elapsed / ((before + after) / 2))
             before = after
     return samples, ratios

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 import enhance_long
-from bench.common import Case, compare, load, parser, report, sandwiched, start, table
+from bench.common import Case, compare, keep_layers, load, parser, report, sandwiched, start, table
 
 TARGET = 1.02
 
@@ -37,15 +37,6 @@ def method_cases(model, ids: torch.Tensor, train_len: int, methods, logn_options
             settings = {"rope": rope, "logn": logn, "train_len": train_len}
             cases.append(Case(label(rope, logn), forward, prepare=lambda s=settings: enhance_long.apply(model, **s)))
     return cases
-
-
-def keep_layers(model, n: int) -> None:
-    """Cut ``model`` to its first ``n`` decoder layers, in place; a bad count exits with one line."""
-    layers = model.get_decoder().layers
-    if not 1 <= n <= len(layers):
-        raise SystemExit(f"--layers={n} is invalid; give an integer from 1 to {len(layers)} (the model's layers)")
-    model.get_decoder().layers = layers[:n]
-    model.config.num_hidden_layers = n
 
 
 def label(rope: str, logn: bool) -> str:

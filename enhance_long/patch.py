@@ -306,6 +306,12 @@ class ForwardPlan:
     groups: list[tuple[int, int, Rope]]  # (start, end, rope) query runs sharing a base; [] = one base
     memo: dict = field(default_factory=dict)  # per-group rotations and masks, shared across layers
 
+    def remembered(self, key, make: Callable[[], Any]) -> Any:
+        """``memo[key]``, made by ``make()`` the first time a layer of this forward asks for it."""
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
+
 
 @dataclass
 class PatchState:
@@ -600,12 +606,13 @@ def _pieces_apply(backend: str, plan: ForwardPlan, module, query, key, attention
         return False
     if (module.training and kwargs.get("dropout", 0.0)) or kwargs.get("sliding_window") or kwargs.get("softcap"):
         return False
-    memo_key = ("contiguous", query.shape[-2], key.shape[-2])
-    if memo_key not in plan.memo:
-        q_len, kv_len = query.shape[-2], key.shape[-2]
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+
+    def contiguous() -> bool:
         expected = torch.arange(kv_len - q_len, kv_len, device=plan.positions.device)
-        plan.memo[memo_key] = bool((plan.positions == expected).all())
-    return plan.memo[memo_key]
+        return bool((plan.positions == expected).all())
+
+    return plan.remembered(("contiguous", q_len, kv_len), contiguous)
 
 
 def _scaling(module, scaling: float | None) -> float:
@@ -641,17 +648,17 @@ def _group_mask(backend, plan: ForwardPlan, attention_mask, start, end, n_before
 def _flex_group_mask(plan: ForwardPlan, block_mask, start, end, kv_end, query):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    memo_key = ("flex", start, kv_end)
-    if memo_key not in plan.memo:
-        full = block_mask.mask_mod
+    full = block_mask.mask_mod
 
-        def shifted(b, h, q_idx, kv_idx):
-            return full(b, h, q_idx + start, kv_idx)
+    def shifted(b, h, q_idx, kv_idx):
+        return full(b, h, q_idx + start, kv_idx)
 
-        plan.memo[memo_key] = create_block_mask(
+    def make():
+        return create_block_mask(
             shifted, B=block_mask.shape[0], H=None, Q_LEN=end - start, KV_LEN=kv_end, device=query.device
         )
-    return plan.memo[memo_key]
+
+    return plan.remembered(("flex", start, kv_end), make)
 
 
 def _two_view(state: PatchState, module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -664,10 +671,8 @@ def _two_view(state: PatchState, module, query, key, value, attention_mask, scal
         )
     scaling = _scaling(module, scaling)
     if _pieces_apply(state.backend, plan, module, query, key, attention_mask, kwargs):
-        shape = ("far view", query.shape[-2], key.shape[-2])
-        if shape not in plan.memo:
-            plan.memo[shape] = far_view_moves(*shape[1:], state.far_view, plan.rope.inv_freq)
-        moves = plan.memo[shape]
+        n, kv = query.shape[-2], key.shape[-2]
+        moves = plan.remembered(("far view", n, kv), lambda: far_view_moves(n, kv, state.far_view, plan.rope.inv_freq))
         return two_view_pieces(
             query, key, value, state.far_view, window, plan.rope.inv_freq, scaling, moves=moves
         ), None

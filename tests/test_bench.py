@@ -4,8 +4,7 @@ import pytest
 from conftest import tiny_model
 
 import bench.common as common
-from bench.common import Case, compare, sandwiched
-from bench.prefill import keep_layers
+from bench.common import Case, compare, keep_layers, sandwiched
 
 
 class DriftingClock:

@@ -36,13 +36,14 @@ from transformers.models.llama import modeling_llama
 
 from enhance_long.methods.logn import logn_scale
 from enhance_long.methods.ntk import (
+    as_pairs,
     dynamic_ntk_base,
     ntk_base,
     rope_inv_freq,
     rotate_in_place,
-    rotated,
     rotation_delta,
     scheduled_length,
+    turned,
 )
 from enhance_long.methods.pieces import causal_attention, fused
 from enhance_long.methods.relative import (
@@ -558,19 +559,22 @@ def _grouped_attention(stock, backend, plan: ForwardPlan, module, query, key, va
     """One stock attention call per group of queries, each with its queries and keys re-rotated to its base.
 
     The rotary embedding rotated this forward with ``plan.rope`` (the largest group's); other groups see a
-    re-rotated copy of the query rows they own and of the key prefix they may attend to.
+    re-rotated copy of the query rows they own and of the key prefix they may attend to. Those copies are laid out
+    by pairs (:func:`as_pairs`, paired once per layer), where a re-rotation is one complex product: re-rotating
+    each group's key prefix is the one cost this method adds to a forward, O(n^2 / bucket) per layer.
     """
     q_len, kv_len = query.shape[-2], key.shape[-2]
     n_before = kv_len - q_len
     pieces = _pieces_apply(backend, plan, module, query, key, attention_mask, kwargs)
+    paired_query, paired_key = as_pairs(query), as_pairs(key)
     outputs = []
     for start, end, rope in plan.groups:
         kv_end = n_before + end
         q, k, v = query[:, :, start:end], key[:, :, :kv_end], value[:, :, :kv_end]
         if rope is not plan.rope:
-            cos, sin = _group_rotation(plan, start, kv_len, n_before, kv_end, rope)
-            q = rotated(q, cos[:, n_before + start :], sin[:, n_before + start :])
-            k = rotated(k, cos, sin)
+            turn = _group_rotation(plan, start, kv_len, n_before, kv_end, rope)
+            q = turned(paired_query[:, :, start:end], turn[:, n_before + start :], query.dtype)
+            k = turned(paired_key[:, :, :kv_end], turn, key.dtype)
         if pieces:
             outputs.append(
                 causal_attention(q, k, v, _scaling(module, kwargs.get("scaling"))).transpose(1, 2).to(value.dtype)
@@ -583,14 +587,15 @@ def _grouped_attention(stock, backend, plan: ForwardPlan, module, query, key, va
 
 
 def _group_rotation(plan: ForwardPlan, start: int, kv_len: int, n_before: int, kv_end: int, rope: Rope):
-    """cos/sin re-rotating a group's key prefix to its base: formed by the first layer and kept for the others while
-    the forward's rotations fit in ``ROTATION_MEMO_BYTES``, formed anew per layer beyond that (bucket=1 over a
-    long input has thousands of groups, whose rotations together would take tens of GiB)."""
+    """``cos + i sin`` (batch, kv_end, dim/2) re-rotating a group's key prefix to its base (:func:`turned`): formed
+    by the first layer and kept for the others while the forward's rotations fit in ``ROTATION_MEMO_BYTES``, formed
+    anew per layer beyond that (bucket=1 over a long input has thousands of groups, whose rotations together would
+    take tens of GiB)."""
     memo_key = ("rotation", start, kv_len)
     if memo_key in plan.memo:
         return plan.memo[memo_key]
-    rotation = _rerotation(_slot_positions(plan.positions, n_before, kv_end), plan.rope, rope)
-    size = sum(t.numel() * t.element_size() for t in rotation)
+    rotation = torch.complex(*_rerotation(_slot_positions(plan.positions, n_before, kv_end), plan.rope, rope))
+    size = rotation.numel() * rotation.element_size()
     held = plan.memo.get("rotation_bytes", 0)
     if held + size <= ROTATION_MEMO_BYTES:
         plan.memo[memo_key] = rotation

@@ -8,6 +8,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from enhance_long.methods import (
+    as_pairs,
     dynamic_ntk_base,
     logn_scale,
     ntk_base,
@@ -16,6 +17,7 @@ from enhance_long.methods import (
     rotated,
     rotation_delta,
     scheduled_length,
+    turned,
     yarn_frequencies,
 )
 
@@ -91,6 +93,22 @@ def test_rotations_match_transformers_rotate_half_convention(dtype):
     torch.testing.assert_close(rotated(ours, cos, sin).float(), reference, **tolerance)
     rotate_in_place(ours, cos, sin)
     torch.testing.assert_close(ours.float(), reference, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paired_rotation_is_the_rotation_laid_out_by_pairs_and_scores_the_same(dtype):
+    g = torch.Generator().manual_seed(4)
+    queries, keys = torch.randn(2, 3, 7, 8, generator=g).to(dtype), torch.randn(2, 3, 7, 8, generator=g).to(dtype)
+    angles = torch.rand(2, 7, 4, generator=g) * 10
+    cos, sin = angles.cos(), angles.sin()
+    by_pairs = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])  # x1_0, x2_0, x1_1, x2_1, ... of the rotate-half layout
+    turn = torch.complex(cos, sin)
+    paired_queries, paired_keys = turned(as_pairs(queries), turn, dtype), turned(as_pairs(keys), turn, dtype)
+    assert paired_keys.dtype == dtype
+    tolerance = {"rtol": 0, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(paired_keys, rotated(keys, cos, sin)[..., by_pairs], **tolerance)
+    scores = rotated(queries, cos, sin).float() @ rotated(keys, cos, sin).float().transpose(-1, -2)
+    torch.testing.assert_close(paired_queries.float() @ paired_keys.float().transpose(-1, -2), scores, **tolerance)
 
 
 def test_yarn_frequencies_come_from_transformers():

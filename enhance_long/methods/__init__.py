@@ -2,6 +2,7 @@
 
 from enhance_long.methods.logn import logn_scale
 from enhance_long.methods.ntk import (
+    as_pairs,
     dynamic_ntk_base,
     ntk_base,
     rope_inv_freq,
@@ -9,10 +10,12 @@ from enhance_long.methods.ntk import (
     rotated,
     rotation_delta,
     scheduled_length,
+    turned,
 )
 from enhance_long.methods.yarn import yarn_frequencies
 
 __all__ = [
+    "as_pairs",
     "dynamic_ntk_base",
     "logn_scale",
     "ntk_base",
@@ -21,5 +24,6 @@ __all__ = [
     "rotated",
     "rotation_delta",
     "scheduled_length",
+    "turned",
     "yarn_frequencies",
 ]

@@ -85,6 +85,23 @@ def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
+def as_pairs(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., dim) in the rotate-half layout as complex64 (..., dim/2): pair j is ``x[j] + i * x[j + dim/2]``.
+
+    A rotation is then one complex product (:func:`turned`), a single pass almost 3x faster than :func:`rotated`'s
+    three. Attention needs no un-pairing: ``q . k`` sums over the coordinates in any order, so queries and keys
+    both laid out by pairs score exactly as in the rotate-half layout.
+    """
+    half = x.shape[-1] // 2
+    return torch.view_as_complex(x.float().unflatten(-1, (2, half)).transpose(-1, -2).contiguous())
+
+
+def turned(pairs: torch.Tensor, turn: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`as_pairs` vectors (batch, heads, seq, dim/2) rotated by ``turn = cos + i sin`` (batch, seq, dim/2),
+    as real (batch, heads, seq, dim) in ``dtype``, laid out by pairs ``[x1_0, x2_0, x1_1, x2_1, ...]``."""
+    return torch.view_as_real(pairs * turn[:, None]).flatten(-2).to(dtype)
+
+
 def rotate_in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """:func:`rotated`, written back into ``x`` (a KV cache's keys keep their storage)."""
     x.copy_(rotated(x, cos, sin))

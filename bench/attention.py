@@ -80,8 +80,9 @@ def main() -> None:
     p.add_argument(
         "--methods",
         nargs="+",
-        default=["consistent_ntk", "dynamic_yarn", "self_extend", "rerope", "leaky_rerope"],
-        help="rope methods (default: those whose attention differs from stock past T)",
+        default=["dynamic_ntk", "consistent_ntk", "dynamic_yarn", "self_extend", "rerope", "leaky_rerope"],
+        help="rope methods (default: those whose attention differs from stock past T, and dynamic_ntk as the control "
+        "that runs the stock call: its spread is this machine's)",
     )
     p.add_argument("--train-len", type=int, help="T the methods extend from (default: the model's trained length)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")

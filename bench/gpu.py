@@ -21,6 +21,7 @@ import torch
 import enhance_long
 from bench import decode, prefill
 from bench.common import parser, report, start, table
+from enhance_long.methods import pieces
 
 LLAMA2_7B = {
     "vocab_size": 32000,
@@ -90,11 +91,16 @@ def main() -> None:
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    # whether consistent groups and the two views ran as fused kernel pieces (else masked calls / matrix products)
+    fused = pieces.fused(torch.empty(1, 1, 1, head_dim, device=args.device, dtype=torch.bfloat16))
     settings = {"shape": shape, "dtype": "bfloat16", "device": args.device, "train_len": train_len, "steps": steps}
+    settings["fused_pieces"] = fused
     settings |= {"exact_steps": args.exact_steps, "repeats": n_repeats, "warmup": args.warmup}
     prefill_columns = ["attention", "length", "case", "tokens_per_s", "vs_stock", "vs_stock_max", "peak_gib"]
     decode_columns = ["attention", "cached", "case", "ms_per_token", "tokens_per_s", "vs_builtin_dynamic"]
     text = (
+        f"fused pieces on {args.device}: {fused}\n"
         f"gpu prefill (target <= {prefill.TARGET}x stock)\n"
         + table(rows["prefill"], [*prefill_columns, "target_met"])
         + f"\n\ngpu decode (target <= {decode.TARGET}x builtin_dynamic)\n"

@@ -607,7 +607,7 @@ def _pieces_apply(backend: str, plan: ForwardPlan, module, query, key, attention
     """Whether this sdpa call may be assembled from fused pieces (``methods/pieces.py``) instead of masked calls:
     a fused kernel on this device, causal attention without padding, contiguous positions, nothing else asked of
     the kernel (dropout, a sliding window, soft-capping)."""
-    if backend != "sdpa" or attention_mask is not None or not fused(query.device):
+    if backend != "sdpa" or attention_mask is not None or not fused(query):
         return False
     if (module.training and kwargs.get("dropout", 0.0)) or kwargs.get("sliding_window") or kwargs.get("softcap"):
         return False

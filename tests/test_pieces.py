@@ -2,6 +2,8 @@
 attention, the Self-Extend / ReRoPE decomposition against the blockwise reference, and the patched model taking
 this path on sdpa (and matching the masked path it replaces)."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,14 +36,55 @@ def reference(q, k, v, scale, mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True).float()
 
 
-@pytest.fixture(params=["fused", "fused, heads repeated", "matmul"])
+def efficient_attention_contract(query, key, value, bias, compute_lse, dropout, causal, scale=None):
+    """CUDA's memory-efficient kernel as ``attend`` calls it, on a CPU: as many key heads as query heads, a
+    log-sum-exp padded to a multiple of 32 rows (the padding is NaN, so reading it shows)."""
+    assert bias is None and compute_lse and dropout == 0.0
+    if key.shape[1] != query.shape[1]:
+        raise RuntimeError("the memory-efficient kernel needs as many key heads as query heads")
+    n, m = query.shape[-2], key.shape[-2]
+    scores = query.float() @ key.float().transpose(-1, -2) * scale
+    if causal:
+        scores = scores.masked_fill(torch.ones(n, m, dtype=torch.bool).triu(1), float("-inf"))
+    lse = scores.logsumexp(-1)
+    padded = torch.full((*lse.shape[:-1], -(-n // 32) * 32), float("nan"))
+    padded[..., :n] = lse
+    output = (scores - lse[..., None]).exp() @ value.float()
+    return output.to(query.dtype), padded, torch.empty(()), torch.empty(())
+
+
+@pytest.fixture(params=["fused", "fused, heads repeated", "gpu kernel's contract", "matmul"])
 def kernel(request, monkeypatch):
     if request.param == "matmul":
         monkeypatch.setattr(pieces, "_CPU_FLASH", None)
     if request.param == "fused, heads repeated":  # a torch whose CPU kernel needs as many key heads as query heads
         monkeypatch.setattr(pieces, "_native_gqa", lambda: False)
-    assert pieces.fused(torch.device("cpu")) == (request.param != "matmul")
+    if request.param == "gpu kernel's contract":  # the GPU path's glue: heads repeated or stacked, padding dropped
+        monkeypatch.setattr(pieces, "_GPU_EFFICIENT", efficient_attention_contract)
+        monkeypatch.setattr(pieces, "_kernel", lambda query: pieces._gpu_kernel)
+    assert pieces.fused(torch.empty(1, 1, 1, 8)) == (request.param != "matmul")
     return request.param
+
+
+def test_the_gpu_kernel_is_used_only_where_it_agrees_with_matrix_products(monkeypatch):
+    agrees = pieces._gpu_kernel_agrees.__wrapped__  # the probe itself, not its per-kind cache
+    monkeypatch.setattr(pieces, "_GPU_EFFICIENT", efficient_attention_contract)
+    assert agrees(torch.device("cpu"), torch.float32, 16)
+    assert agrees(torch.device("cpu"), torch.bfloat16, 16)
+
+    def log2_lse(*args, **kwargs):  # a torch whose kernel reported base-2 log-sum-exps would merge pieces wrongly
+        output, lse, *rest = efficient_attention_contract(*args, **kwargs)
+        return output, lse / math.log(2), *rest
+
+    monkeypatch.setattr(pieces, "_GPU_EFFICIENT", log2_lse)
+    assert not agrees(torch.device("cpu"), torch.float32, 16)
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("No available kernel for this head size")
+
+    monkeypatch.setattr(pieces, "_GPU_EFFICIENT", refuses)
+    assert not agrees(torch.device("cpu"), torch.float32, 16)
+    assert not pieces.fused(torch.empty(1, 1, 1, 8, device="meta"))  # no kernel off CPU and CUDA
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -133,7 +176,7 @@ def test_the_patched_model_takes_the_pieces_path_on_sdpa_and_matches_the_masked_
     calls = _count_calls(monkeypatch, path)
     assembled = logits(model, ids)
     assert calls, f"sdpa on a CPU should run {path}"
-    monkeypatch.setattr(patch, "fused", lambda device: False)
+    monkeypatch.setattr(patch, "fused", lambda query: False)
     calls.clear()
     masked = logits(model, ids)
     assert not calls

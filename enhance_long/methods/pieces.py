@@ -8,22 +8,71 @@ of the scaled scores (``l = log sum_j exp(scale * q.k_j)``):
 So a method that needs other rotations in other key ranges (a query group of consistent NTK re-rotated to its
 base, the near and far views of Self-Extend and ReRoPE) can run each range as one fused kernel call that is either
 unmasked or a top-left causal square: the two shapes the kernels run fastest, with no mask built and no score
-matrix held. The fused call is PyTorch's own flash kernel on a CPU (the one ``scaled_dot_product_attention`` runs);
-elsewhere :func:`attend` computes the same pair with matrix products, a bounded block of queries at a time.
+matrix held. The fused call is PyTorch's own flash kernel on a CPU (the one ``scaled_dot_product_attention`` runs)
+and its memory-efficient kernel on a CUDA GPU (which returns the log-sum-exp too); elsewhere :func:`attend` computes
+the same pair with matrix products, a bounded block of queries at a time.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_GPU_EFFICIENT = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, bool], tuple[torch.Tensor, torch.Tensor]]
 
 
-def fused(device: torch.device) -> bool:
-    """Whether :func:`attend` runs a fused kernel on ``device`` (else it runs matrix products)."""
-    return device.type == "cpu" and _CPU_FLASH is not None
+def _cpu_kernel(query, key, value, scale: float, causal: bool):
+    return _CPU_FLASH(query, key, value, 0.0, causal, scale=scale)
+
+
+def _gpu_kernel(query, key, value, scale: float, causal: bool):
+    """The memory-efficient kernel (as many key heads as query heads); some versions pad its log-sum-exp to a
+    multiple of 32 rows."""
+    output, lse, _, _ = _GPU_EFFICIENT(query, key, value, None, True, 0.0, causal, scale=scale)
+    return output, lse[..., : query.shape[-2]]
+
+
+def _kernel(query: torch.Tensor) -> Kernel | None:
+    """The fused kernel :func:`attend` runs for queries like ``query``, or None for matrix products."""
+    if query.device.type == "cpu" and _CPU_FLASH is not None:
+        return _cpu_kernel
+    on_gpu = query.device.type == "cuda" and _GPU_EFFICIENT is not None
+    return _gpu_kernel if on_gpu and _gpu_kernel_agrees(query.device, query.dtype, query.shape[-1]) else None
+
+
+def fused(query: torch.Tensor) -> bool:
+    """Whether :func:`attend` runs a fused kernel for queries like ``query`` (else it runs matrix products)."""
+    return _kernel(query) is not None
+
+
+@functools.cache
+def _gpu_kernel_agrees(device: torch.device, dtype: torch.dtype, dim: int) -> bool:
+    """Whether the GPU kernel's output and log-sum-exp equal matrix products' on a small input of this device, dtype
+    and head size (40 rows, past one padded block of 32; unmasked and causal). Checked once per kind, so a kernel
+    that refuses the shape, or a torch whose log-sum-exp differs, leaves the masked path in place rather than
+    merging pieces wrongly."""
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, dim, generator=g, device=device).to(dtype) for _ in range(3))
+    tolerance = {"rtol": 1e-3, "atol": 1e-3} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+    try:
+        for causal in (False, True):
+            output, lse = _gpu_kernel(q, k, v, dim**-0.5, causal)
+            expected_output, expected_lse = _by_products(q, k, v, dim**-0.5, causal)
+            if lse.shape != expected_lse.shape:
+                return False
+            if not (
+                torch.allclose(output.float(), expected_output, **tolerance)
+                and torch.allclose(lse.float(), expected_lse, **tolerance)
+            ):
+                return False
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 @functools.cache
@@ -55,14 +104,22 @@ def attend(
     Returns (batch, heads, n, dim) and (batch, heads, n).
     """
     heads, kv_heads = query.shape[1], key.shape[1]
-    kernel = fused(query.device)
-    if kernel and not causal and kv_heads != heads:
-        return _folded(query, key, value, scale)
-    if kv_heads != heads and not (kernel and _native_gqa()):
+    kernel = _kernel(query)
+    if kernel is None:
+        return _by_products(query, key, value, scale, causal, max_block_elements)
+    if not causal and kv_heads != heads:
+        return _folded(kernel, query, key, value, scale)
+    if kv_heads != heads and not (kernel is _cpu_kernel and _native_gqa()):
         key, value = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (key, value))
-    if kernel:
-        output, lse = _CPU_FLASH(query, key, value, 0.0, causal, scale=scale)
-        return output.float(), lse
+    output, lse = kernel(query, key, value, scale, causal)
+    return output.float(), lse.float()
+
+
+def _by_products(query, key, value, scale: float, causal: bool, max_block_elements: int = 1 << 25):
+    """:func:`attend` with matrix products, a block of queries at a time (at most ``max_block_elements`` scores)."""
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if kv_heads != heads:
+        key, value = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (key, value))
     n, m = query.shape[-2], key.shape[-2]
     block = max(1, max_block_elements // max(1, query.shape[0] * heads * m))
     outputs, lses = [], []
@@ -79,16 +136,17 @@ def attend(
     return torch.cat(outputs, dim=2), torch.cat(lses, dim=2)
 
 
-def _folded(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float):
+def _folded(kernel: Kernel, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float):
     """Unmasked grouped-query attention as one call per key head: the query heads that share a key head are
     stacked as extra query rows (every row sees every key, so rows are independent). The kernel then reads each
-    key block once for all of them, and sees enough rows per head for its largest query tiles (256 rows from 768
-    on; a 256-row query group of 9 heads over 3 key heads runs about 20% faster than with the heads apart)."""
+    key block once for all of them, and sees enough rows per head for its largest query tiles (on a CPU: 256 rows
+    from 768 on; a 256-row query group of 9 heads over 3 key heads runs about 20% faster than with the heads
+    apart), and no key is copied per query head."""
     batch, heads, n, dim = query.shape
     kv_heads = key.shape[1]
     stacked = query.unflatten(1, (kv_heads, heads // kv_heads)).flatten(2, 3)
-    output, lse = _CPU_FLASH(stacked, key, value, 0.0, False, scale=scale)
-    return output.float().unflatten(2, (heads // kv_heads, n)).flatten(1, 2), lse.unflatten(2, (-1, n)).flatten(1, 2)
+    output, lse = kernel(stacked, key, value, scale, False)
+    return output.float().unflatten(2, (-1, n)).flatten(1, 2), lse.float().unflatten(2, (-1, n)).flatten(1, 2)
 
 
 class Merged:

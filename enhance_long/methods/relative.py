@@ -144,7 +144,7 @@ def two_view_pieces(
     p0 = kv - n
     to_query, to_key = moves or far_view_moves(n, kv, far_positions, inv_freq)
     query_far, key_far = rotated(query, *to_query), rotated(key, *to_key)
-    if key.shape[1] != heads and not fused(query.device):  # once per layer rather than once per call
+    if key.shape[1] != heads and not fused(query):  # once per layer rather than once per call
         key, key_far, value = (t.repeat_interleave(heads // key.shape[1], dim=1) for t in (key, key_far, value))
     output = torch.empty(query.shape[0], n, heads, value.shape[-1], device=query.device)
     step = max(1, min(block, window))

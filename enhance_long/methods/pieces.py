@@ -70,7 +70,7 @@ def _gpu_kernel_agrees(device: torch.device, dtype: torch.dtype, dim: int) -> bo
                 and torch.allclose(lse.float(), expected_lse, **tolerance)
             ):
                 return False
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError, TypeError):  # a shape it refuses, a signature this torch lacks
         return False
     return True
 

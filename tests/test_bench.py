@@ -1,6 +1,13 @@
-"""The benchmarks' timing protocol, on a fake clock: sandwiched pairing cancels a machine that drifts."""
+"""The benchmarks' timing protocol, on a fake clock: sandwiched pairing cancels a machine that drifts; and each
+benchmark's wiring, run as its own command on the tiny random model (``--quick``)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_model
 
 import bench.common as common
@@ -39,3 +46,41 @@ def test_keep_layers_cuts_the_decoder_and_refuses_a_bad_count():
     assert len(model.get_decoder().layers) == model.config.num_hidden_layers == 2
     with pytest.raises(SystemExit, match="--layers=5 is invalid; give an integer from 1 to 2"):
         keep_layers(model, 5)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+WIRING = {  # one repeat, the shortest lengths: these check that the scripts run and report, not their numbers
+    "prefill": "--lengths 256 --methods consistent_ntk self_extend --logn off",
+    "attention": "--methods consistent_ntk self_extend",
+    "decode": "",
+    "gpu": "--device cpu --methods none consistent_ntk --lengths 256 --steps 8",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(WIRING))
+def test_each_benchmark_runs_on_the_tiny_model_and_writes_its_table(tmp_path, name):
+    out = tmp_path / f"{name}.json"
+    command = [sys.executable, "-m", f"bench.{name}", "--quick", "--repeats", "1", "--out", str(out)]
+    done = subprocess.run([*command, *WIRING[name].split()], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = [row for key in ("rows", "prefill", "decode") for row in result.get(key, [])]
+    cases = {row["case"] for row in rows}
+    if name == "decode":
+        assert {"stock", "builtin_dynamic"} <= cases and any(c.startswith("consistent_ntk") for c in cases)
+    else:
+        assert {"stock", "consistent_ntk"} <= cases
+    assert all(row.get("seconds", row.get("ms_per_token", 1)) > 0 for row in rows)
+    if name == "gpu":  # on a CPU the pieces run the CPU kernel, and the script says so
+        assert result["settings"]["fused_pieces"] is True
+        assert "fused pieces on cpu: True" in done.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: bench.gpu runs instead of skipping")
+def test_the_gpu_benchmark_skips_cleanly_without_cuda():
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu", "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "skipped, no CUDA device" in done.stdout

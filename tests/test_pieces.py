@@ -22,6 +22,8 @@ from enhance_long.methods.relative import (
     two_view_pieces,
 )
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/device_check.sh runs these)")
+
 
 def qkv(n, m, heads=4, kv_heads=2, dim=16, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -162,6 +164,23 @@ def _count_calls(monkeypatch, name):
     return calls
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_on_a_gpu_attend_runs_the_efficient_kernel_and_matches_matrix_products(dtype, causal):
+    q, k, v = (t.cuda() for t in qkv(70, 70 if causal else 90, dtype=dtype))
+    assert pieces._kernel(q) is pieces._gpu_kernel, "the probe refused this GPU's kernel"
+    output, lse = attend(q, k, v, 0.3, causal=causal)
+    expected_output, expected_lse = pieces._by_products(q.float(), k.float(), v.float(), 0.3, causal)
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(output, expected_output, **tolerance)
+    torch.testing.assert_close(lse, expected_lse, **tolerance)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     ("rope", "knobs", "path"),
     [
@@ -170,17 +189,18 @@ def _count_calls(monkeypatch, name):
     ],
 )
 def test_the_patched_model_takes_the_pieces_path_on_sdpa_and_matches_the_masked_path(
-    monkeypatch, ids, rope, knobs, path
+    monkeypatch, ids, rope, knobs, path, device
 ):
-    model = enhance_long.apply(tiny_model(), rope=rope, logn=True, **knobs)
+    model = enhance_long.apply(tiny_model().to(device), rope=rope, logn=True, **knobs)
+    ids = ids.to(device)
     calls = _count_calls(monkeypatch, path)
     assembled = logits(model, ids)
-    assert calls, f"sdpa on a CPU should run {path}"
+    assert calls, f"sdpa on {device} should run {path}"
     monkeypatch.setattr(patch, "fused", lambda query: False)
     calls.clear()
     masked = logits(model, ids)
     assert not calls
-    torch.testing.assert_close(assembled, masked, rtol=0, atol=2e-5)
+    torch.testing.assert_close(assembled, masked, rtol=0, atol=2e-5 if device == "cpu" else 1e-4)
 
 
 def test_padding_keeps_the_masked_path(monkeypatch):

@@ -95,8 +95,7 @@ def main() -> None:
     # whether consistent groups and the two views ran as fused kernel pieces (else masked calls / matrix products)
     fused = pieces.fused(torch.empty(1, 1, 1, head_dim, device=args.device, dtype=torch.bfloat16))
     settings = {"shape": shape, "dtype": "bfloat16", "device": args.device, "train_len": train_len, "steps": steps}
-    settings["fused_pieces"] = fused
-    settings |= {"exact_steps": args.exact_steps, "repeats": n_repeats, "warmup": args.warmup}
+    settings |= {"exact_steps": args.exact_steps, "repeats": n_repeats, "warmup": args.warmup, "fused_pieces": fused}
     prefill_columns = ["attention", "length", "case", "tokens_per_s", "vs_stock", "vs_stock_max", "peak_gib"]
     decode_columns = ["attention", "cached", "case", "ms_per_token", "tokens_per_s", "vs_builtin_dynamic"]
     text = (

@@ -142,8 +142,7 @@ def _folded(kernel: Kernel, query: torch.Tensor, key: torch.Tensor, value: torch
     key block once for all of them, and sees enough rows per head for its largest query tiles (on a CPU: 256 rows
     from 768 on; a 256-row query group of 9 heads over 3 key heads runs about 20% faster than with the heads
     apart), and no key is copied per query head."""
-    batch, heads, n, dim = query.shape
-    kv_heads = key.shape[1]
+    heads, n, kv_heads = query.shape[1], query.shape[2], key.shape[1]
     stacked = query.unflatten(1, (kv_heads, heads // kv_heads)).flatten(2, 3)
     output, lse = kernel(stacked, key, value, scale, False)
     return output.float().unflatten(2, (-1, n)).flatten(1, 2), lse.float().unflatten(2, (-1, n)).flatten(1, 2)

@@ -20,6 +20,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from enhance_long.methods.catalog import knob_specs
+
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 ATTENTION_BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
 LOGGERS = ("none", "wandb")
@@ -224,10 +226,13 @@ def validate(cfg: DictConfig, methods: Sequence[str]) -> list[int]:
     rope = cfg.rope
     if rope.name not in methods:
         raise ConfigError(f"rope={rope.name} is unknown; choose one of {', '.join(methods)} (e.g. rope=consistent_ntk)")
-    for knob in ("alpha", "factor", "beta_fast", "beta_slow", "leak"):
-        _positive(f"rope.{knob}", rope[knob], f"rope.{knob}=2")
-    for knob in ("bucket", "group", "window"):
-        _positive(f"rope.{knob}", rope[knob], f"rope.{knob}=1", integer=True)
+    for name, knob in knob_specs().items():
+        value = rope.get(name)
+        if value is not None and not knob.valid(value):
+            raise ConfigError(
+                f"rope.{name}={value} is invalid; it must be {knob.requirement} (or null for the default), "
+                f"e.g. rope.{name}={knob.default}"
+            )
     if cfg.logn.len is not None and cfg.logn.len <= 1:
         raise ConfigError(f"logn.len={cfg.logn.len} is invalid; it must be > 1, or null for the trained length")
     if cfg.model.train_len is not None and cfg.model.train_len <= 1:

@@ -39,7 +39,8 @@ from transformers import (
 )
 
 from enhance_long import assets
-from enhance_long.patch import check_backend, trained_length
+from enhance_long.attention import check_backend
+from enhance_long.patch import trained_length
 
 logger = logging.getLogger(__name__)
 

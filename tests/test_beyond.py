@@ -133,12 +133,12 @@ def test_position_remapping_methods_are_consistent_with_the_cache(rope, knobs, i
 
 
 def test_position_remapping_is_the_stock_model_within_its_window(monkeypatch, ids):
-    import enhance_long.patch as patch
+    import enhance_long.attention as attention
 
     merged = []
     for name in ("two_view_pieces", "two_view_attention"):
-        original = getattr(patch, name)
-        monkeypatch.setattr(patch, name, lambda *a, original=original, **k: merged.append(1) or original(*a, **k))
+        original = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, original=original, **k: merged.append(1) or original(*a, **k))
     stock = logits(tiny_model(), ids[:, :20])
     for rope, knobs in (("self_extend", {"group": 4, "window": 20}), ("rerope", {"window": 20})):
         model = enhance_long.apply(tiny_model(), rope=rope, logn=False, **knobs)
@@ -171,8 +171,8 @@ def test_flash_attention_is_refused_for_position_remapping(monkeypatch):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"rope": "self_extend", "group": 0}, "group=0 is invalid; it must be an integer >= 1"),
-        ({"rope": "rerope", "window": 2.5}, "window=2.5 is invalid; it must be an integer >= 1"),
+        ({"rope": "self_extend", "group": 0}, "group=0 is invalid for rope='self_extend'; it must be an integer >= 1"),
+        ({"rope": "rerope", "window": 2.5}, "window=2.5 is invalid for rope='rerope'; it must be an integer >= 1"),
         ({"rope": "leaky_rerope", "leak": 0}, "leak=0 is invalid for rope='leaky_rerope'"),
         ({"rope": "dynamic_yarn", "alpha": 2.0}, "rope='dynamic_yarn' does not take alpha"),
     ],

@@ -80,14 +80,14 @@ def test_consistent_ntk_chunked_prefill_equals_one_forward(family, ids):
 
 
 def test_consistent_ntk_group_rotations_are_kept_within_their_memory_budget(monkeypatch, ids):
-    import enhance_long.patch as patch
+    import enhance_long.attention as attention
 
     model = enhance_long.apply(tiny_model(), rope="consistent_ntk", bucket=1, logn=False)
     kept = logits(model, ids)
     held = {k: v for k, v in model._enhance_long.plan.memo.items() if k[0] == "rotation"}
     assert len(held) == ids.shape[1] - TRAIN_LEN  # one per query past T: each is its own group at bucket 1
     one = sum(t.numel() * t.element_size() for t in next(iter(held.values())))
-    monkeypatch.setattr(patch, "ROTATION_MEMO_BYTES", 3 * one)  # room for the first (shortest) groups only
+    monkeypatch.setattr(attention, "ROTATION_MEMO_BYTES", 3 * one)  # room for the first (shortest) groups only
     bounded = logits(model, ids)
     memo = model._enhance_long.plan.memo
     assert 0 < sum(k[0] == "rotation" for k in memo) < len(held) and memo["rotation_bytes"] <= 3 * one
@@ -186,7 +186,10 @@ def test_remove_restores_bit_identical_stock_logits(rope, ids):
         ({"rope": "ntk", "alpha": 0}, "alpha=0 is invalid for rope='ntk'; it must be a number > 0"),
         ({"rope": "dynamic_ntk", "alpha": -1.0}, "alpha=-1.0 is invalid"),
         ({"rope": "linear", "factor": 0.0}, "factor=0.0 is invalid"),
-        ({"rope": "consistent_ntk", "bucket": 0}, "bucket=0 is invalid; it must be an integer >= 1"),
+        (
+            {"rope": "consistent_ntk", "bucket": 0},
+            "bucket=0 is invalid for rope='consistent_ntk'; it must be an integer >= 1",
+        ),
         ({"rope": "none", "alpha": 2.0}, "rope='none' does not take alpha; it takes no knobs"),
         ({"rope": "ntk", "train_len": 0}, "train_len=0 is invalid; it must be an integer > 1"),
         ({"rope": "ntk", "train_len": -5}, "train_len=-5 is invalid"),

@@ -11,7 +11,7 @@ from conftest import TRAIN_LEN, tiny_model
 from test_patch import logits
 
 import enhance_long
-import enhance_long.patch as patch
+import enhance_long.attention as attention
 from enhance_long.methods import pieces, rope_inv_freq
 from enhance_long.methods.pieces import Merged, attend, causal_attention
 from enhance_long.methods.relative import (
@@ -154,13 +154,13 @@ def test_two_view_pieces_equal_the_blockwise_two_view_attention(kernel, method, 
 
 def _count_calls(monkeypatch, name):
     calls = []
-    original = getattr(patch, name)
+    original = getattr(attention, name)
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(patch, name, counted)
+    monkeypatch.setattr(attention, name, counted)
     return calls
 
 
@@ -196,7 +196,7 @@ def test_the_patched_model_takes_the_pieces_path_on_sdpa_and_matches_the_masked_
     calls = _count_calls(monkeypatch, path)
     assembled = logits(model, ids)
     assert calls, f"sdpa on {device} should run {path}"
-    monkeypatch.setattr(patch, "fused", lambda query: False)
+    monkeypatch.setattr(attention, "fused", lambda query: False)
     calls.clear()
     masked = logits(model, ids)
     assert not calls

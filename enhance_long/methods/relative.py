@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import torch
 
-from enhance_long.methods.ntk import rotated
 from enhance_long.methods.pieces import Merged, attend, fused
+from enhance_long.methods.rotation import rotated
 
 PositionMap = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

@@ -164,13 +164,13 @@ _STATIC_ROPE_TYPES = {"default", "linear", "yarn", "llama3"}
 def prefix_invariant(model) -> bool:
     """Whether the model scores a prefix of a window exactly as it scores that prefix alone: causal attention, and
     RoPE frequencies that depend on each query's position, not on how long the whole forward is."""
-    from enhance_long.patch import SPECS
+    from enhance_long.methods.catalog import CATALOG
 
     info = enhance_long.describe(model)
     if info is None:
         rope = getattr(model.config, "rope_parameters", None) or {}
         return rope.get("rope_type", "default") in _STATIC_ROPE_TYPES
-    spec = SPECS[info["rope"]]
+    spec = CATALOG[info["rope"]]
     return spec.consistent or not spec.dynamic
 
 

@@ -1,0 +1,339 @@
+"""The method catalogue: every RoPE method by name, with its knobs, its frequencies and what it is meant to do.
+
+This is the one place a method is described. ``enhance_long.apply`` checks a request against it, the runner fills
+in defaults from it, the config schema lists its knobs, and the README's methods table is rendered from it
+(:func:`methods_table`; a test keeps the two equal). A method from outside the package joins with
+:func:`register_method`::
+
+    from enhance_long.methods.catalog import Knob, Method, Rope, register_method, rope_inv_freq
+
+    def halved(basis, knobs, length):              # frequencies for a forward whose longest position is length - 1
+        return Rope(rope_inv_freq(basis.base, basis.dim) / knobs["divisor"])
+
+    register_method(Method("halved", (Knob("divisor", 2.0, "positions divided by it", minimum=1.0),), halved))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+
+from enhance_long.methods.ntk import dynamic_ntk_base, ntk_base, rope_inv_freq
+from enhance_long.methods.relative import (
+    PositionMap,
+    leaky_rerope_positions,
+    rerope_positions,
+    self_extend_positions,
+)
+from enhance_long.methods.yarn import yarn_frequencies
+
+
+class Rope(NamedTuple):
+    """Rotary frequencies and the factor transformers multiplies cos/sin by (YaRN's attention temperature)."""
+
+    inv_freq: torch.Tensor
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Basis:
+    """What every frequency function starts from."""
+
+    config: Any
+    base: float  # rope_theta
+    dim: int  # rotary dimension
+    train_len: int
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One setting of a method: its default, what it means, and the values it allows."""
+
+    name: str
+    default: Any
+    help: str  # what it means, in a few words (config comments, errors)
+    integer: bool = False  # an int (else any real number)
+    minimum: float = 0.0  # the smallest allowed value ...
+    inclusive: bool = True  # ... allowed itself (False: values must lie above it)
+    choices: tuple[str, ...] = ()  # a word from this list instead of a number
+
+    @property
+    def requirement(self) -> str:
+        """What a valid value is, as the end of an error sentence: "a number > 0", "an integer >= 1 (...)"."""
+        if self.choices:
+            return f"one of {', '.join(self.choices)}"
+        bound = f"{'>=' if self.inclusive else '>'} {self.minimum:g}"
+        return f"an integer {bound} ({self.help})" if self.integer else f"a number {bound}"
+
+    def valid(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else int | float):
+            return False
+        return value >= self.minimum if self.inclusive else value > self.minimum
+
+
+Frequencies = Callable[[Basis, dict, int], Rope]
+
+
+def _stock(b: Basis, k: dict, length: int) -> Rope:
+    return Rope(rope_inv_freq(b.base, b.dim))
+
+
+def _linear(b: Basis, k: dict, length: int) -> Rope:
+    return Rope(rope_inv_freq(b.base, b.dim) / k["factor"])
+
+
+def _ntk(b: Basis, k: dict, length: int) -> Rope:
+    return Rope(rope_inv_freq(ntk_base(b.base, k["alpha"], b.dim), b.dim))
+
+
+def _dynamic_ntk(b: Basis, k: dict, length: int) -> Rope:
+    return Rope(rope_inv_freq(dynamic_ntk_base(b.base, k["alpha"], length, b.train_len, b.dim), b.dim))
+
+
+def _yarn(b: Basis, k: dict, length: int) -> Rope:
+    return Rope(*yarn_frequencies(b.config, k["factor"], b.train_len, k["beta_fast"], k["beta_slow"]))
+
+
+def _ntk_by_parts(b: Basis, k: dict, length: int) -> Rope:
+    return Rope(_yarn(b, k, length).inv_freq)
+
+
+def _dynamic_yarn(b: Basis, k: dict, length: int) -> Rope:
+    factor = max(1.0, length / b.train_len)
+    return Rope(*yarn_frequencies(b.config, factor, b.train_len, k["beta_fast"], k["beta_slow"]))
+
+
+@dataclass(frozen=True)
+class Method:
+    """A RoPE method: its knobs, its frequencies, how they behave, and what it is for (the README row)."""
+
+    name: str
+    knobs: tuple[Knob, ...] = ()
+    frequencies: Frequencies = _stock
+    dynamic: bool = False  # the frequencies follow the current length (bucketed past train_len)
+    consistent: bool = False  # ... per query, with cached keys re-rotated: cached generation == one forward
+    far_view: Callable[[dict], PositionMap] | None = None  # remaps positions beyond knobs["window"]
+    does: str = ""  # what it does, in a phrase
+    formula: str = ""
+    reach: str = ""  # the length it is meant for, in terms of T and its knobs
+    checks: tuple[Callable[[dict], str | None], ...] = field(default=())  # cross-knob checks: a problem or None
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {knob.name: knob.default for knob in self.knobs}
+
+    def knob(self, name: str) -> Knob:
+        return next(knob for knob in self.knobs if knob.name == name)
+
+
+ALPHA = Knob("alpha", 2.0, "NTK scale: the base grows as alpha^(d/(d-2))", minimum=0.0, inclusive=False)
+FACTOR = Knob("factor", 2.0, "context stretch factor", minimum=1.0)
+BETA_FAST = Knob(
+    "beta_fast", 32.0, "YaRN: rotations per context above which a dimension is not interpolated", inclusive=False
+)
+BETA_SLOW = Knob(
+    "beta_slow", 1.0, "YaRN: rotations per context below which a dimension is fully interpolated", inclusive=False
+)
+WINDOW_HELP = "exact-position window in tokens"
+
+
+def _bucket(default: int) -> Knob:
+    return Knob("bucket", default, "1 = exact schedule", integer=True, minimum=1)
+
+
+def _window(default: int) -> Knob:
+    return Knob("window", default, WINDOW_HELP, integer=True, minimum=1)
+
+
+def _yarn_betas_ordered(knobs: dict) -> str | None:
+    if knobs["beta_fast"] <= knobs["beta_slow"]:
+        return (
+            f"beta_fast={knobs['beta_fast']!r} must be above beta_slow={knobs['beta_slow']!r} (YaRN interpolates "
+            "dimensions that turn fewer than beta_slow times and keeps those that turn more than beta_fast times)"
+        )
+    return None
+
+
+YARN_KNOBS = (FACTOR, BETA_FAST, BETA_SLOW)
+CATALOG: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add ``method`` to the catalogue (replacing one of the same name); returns it.
+
+    A knob name means one thing in the whole catalogue: a knob that shares its name with another method's must
+    have the same type and bounds (its default may differ), so one config key serves both.
+    """
+    for knob in method.knobs:
+        for other in CATALOG.values():
+            twin = next((k for k in other.knobs if k.name == knob.name), None)
+            if twin is not None and other.name != method.name and _shape(twin) != _shape(knob):
+                raise ValueError(
+                    f"knob {knob.name!r} of method {method.name!r} differs in type or bounds from {other.name!r}'s; "
+                    f"give it another name or the same kind of values"
+                )
+    CATALOG[method.name] = method
+    return method
+
+
+def _shape(knob: Knob) -> tuple:
+    return (knob.integer, knob.minimum, knob.inclusive, knob.choices)
+
+
+for _method in (
+    Method("none", does="the model as it ships", formula="inv_freq_k = base^(-2k/d)", reach="T"),
+    Method(
+        "linear",
+        (FACTOR,),
+        _linear,
+        does="position interpolation",
+        formula="positions / factor",
+        reach="factor·T",
+    ),
+    Method(
+        "ntk",
+        (ALPHA,),
+        _ntk,
+        does="static NTK-aware base",
+        formula="base' = base·alpha^(d/(d-2))",
+        reach="~alpha·T",
+    ),
+    Method(
+        "dynamic_ntk",
+        (ALPHA, _bucket(1)),
+        _dynamic_ntk,
+        dynamic=True,
+        does="transformers' dynamic NTK: one base per forward, from its longest position; cached keys keep the "
+        "base they were written with",
+        formula="base' = base·(alpha·L/T - (alpha-1))^(d/(d-2)) for L > T",
+        reach="any, degrading slowly",
+    ),
+    Method(
+        "consistent_ntk",
+        # bucket 256: a 16k forward past an 8k trained length runs 33 query groups instead of 8193
+        (ALPHA, _bucket(256)),
+        _dynamic_ntk,
+        dynamic=True,
+        consistent=True,
+        does="the seed's method, fixed: each query and **every key it reads** use the base of the query's own length",
+        formula="same base, L = i per query",
+        reach="any, degrading slowly",
+    ),
+    Method(
+        "yarn",
+        YARN_KNOBS,
+        _yarn,
+        does="YaRN (transformers' own function)",
+        formula="NTK-by-parts + attention scale 0.1·ln(factor)+1",
+        reach="factor·T",
+        checks=(_yarn_betas_ordered,),
+    ),
+    Method(
+        "ntk_by_parts",
+        YARN_KNOBS,
+        _ntk_by_parts,
+        does="YaRN's frequencies without its temperature",
+        formula="interpolate wavelengths > T/beta_slow by factor, keep < T/beta_fast, ramp between",
+        reach="factor·T",
+        checks=(_yarn_betas_ordered,),
+    ),
+    Method(
+        "dynamic_yarn",
+        (BETA_FAST, BETA_SLOW, _bucket(256)),
+        _dynamic_yarn,
+        dynamic=True,
+        consistent=True,
+        does="YaRN with factor = L/T per query, consistent like `consistent_ntk`",
+        formula="factor = max(1, i/T)",
+        reach="any",
+        checks=(_yarn_betas_ordered,),
+    ),
+    Method(
+        "self_extend",
+        (Knob("group", 4, "keys merged per position", integer=True, minimum=1), _window(1024)),
+        far_view=lambda k: self_extend_positions(k["group"], k["window"]),
+        does="Self-Extend (Jin et al. 2024): grouped attention",
+        formula="rel = i-j if i-j < W, else (i//G + W - W//G) - j//G",
+        reach="(T-W)·G + W",
+    ),
+    Method(
+        "rerope",
+        (_window(2048),),
+        far_view=lambda k: rerope_positions(k["window"]),
+        does="ReRoPE (Su 2023)",
+        formula="rel = min(i-j, w)",
+        reach="any",
+    ),
+    Method(
+        "leaky_rerope",
+        (_window(2048), Knob("leak", 16.0, "slope 1/leak beyond the window", minimum=1.0)),
+        far_view=lambda k: leaky_rerope_positions(k["window"], k["leak"]),
+        does="leaky ReRoPE",
+        formula="rel = i-j if i-j < w, else w + (i-j-w)/leak",
+        reach="w + (T-w)·leak",
+    ),
+):
+    register_method(_method)
+
+DEFAULT_ROPE = "consistent_ntk"
+
+
+class _Defaults(Mapping):
+    """``METHODS``: method name -> its default knobs, read live from the catalogue (registered methods too)."""
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        return CATALOG[name].defaults
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(CATALOG)
+
+    def __len__(self) -> int:
+        return len(CATALOG)
+
+
+METHODS: Mapping[str, dict[str, Any]] = _Defaults()
+
+
+def knob_specs() -> dict[str, Knob]:
+    """Every knob name in the catalogue with its spec (the first method's, which every other one agrees with)."""
+    specs: dict[str, Knob] = {}
+    for method in CATALOG.values():
+        for knob in method.knobs:
+            specs.setdefault(knob.name, knob)
+    return specs
+
+
+def check_knobs(method: Method, knobs: dict[str, Any]) -> dict[str, Any]:
+    """``method``'s knobs with defaults filled in, checked; a bad value is a one-line ``ValueError``."""
+    unknown = sorted(set(knobs) - {knob.name for knob in method.knobs})
+    if unknown:
+        takes = ", ".join(knob.name for knob in method.knobs) or "no knobs"
+        raise ValueError(f"rope={method.name!r} does not take {', '.join(unknown)}; it takes {takes}")
+    values = {**method.defaults, **{k: v for k, v in knobs.items() if v is not None}}
+    for knob in method.knobs:
+        if not knob.valid(values[knob.name]):
+            raise ValueError(
+                f"{knob.name}={values[knob.name]!r} is invalid for rope={method.name!r}; it must be {knob.requirement}"
+            )
+    for check in method.checks:
+        problem = check(values)
+        if problem:
+            raise ValueError(f"{problem}; rope={method.name!r}")
+    return values
+
+
+def methods_table() -> str:
+    """The README's methods table, from the catalogue."""
+    lines = [
+        "| `rope=` | what it does | formula | knobs (default) | meant to reach |",
+        "|---|---|---|---|---|",
+    ]
+    for method in CATALOG.values():
+        knobs = ", ".join(f"`{k.name}` ({k.default:g})" for k in method.knobs) or "--"
+        lines.append(f"| `{method.name}` | {method.does} | {method.formula} | {knobs} | {method.reach} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,66 @@
+"""What a patched model carries: its validated settings, and the plan of the forward in flight.
+
+``patch.apply`` builds a :class:`PatchState` per model and hangs it on every attention layer; the decoder's
+pre-hook writes a :class:`ForwardPlan` into it once per forward, and the attention function (``attention.py``)
+reads that plan in every layer.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from enhance_long.methods.catalog import Method, Rope
+from enhance_long.methods.relative import PositionMap
+
+
+@dataclass
+class Settings:
+    """A validated request: what ``apply`` will install."""
+
+    method: Method
+    knobs: dict[str, Any]
+    logn: bool
+    train_len: int
+    logn_len: int
+
+
+@dataclass
+class ForwardPlan:
+    """What the pre-hook derives once per forward and every attention layer reuses."""
+
+    positions: torch.Tensor  # (batch or 1, q_len) position ids of this forward's queries
+    seq_len: int  # largest position + 1
+    query_scale: torch.Tensor | None  # (batch or 1, 1, q_len, 1) LogN factors, None when all are 1
+    rope: Rope  # the frequencies the rotary embedding uses in this forward (those of its largest query group)
+    groups: list[tuple[int, int, Rope]]  # (start, end, rope) query runs sharing a base; [] = one base
+    memo: dict = field(default_factory=dict)  # per-group rotations and masks, shared across layers
+
+    def remembered(self, key, make: Callable[[], Any]) -> Any:
+        """``memo[key]``, made by ``make()`` the first time a layer of this forward asks for it."""
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
+
+
+@dataclass
+class PatchState:
+    """What ``apply`` changed on one model, and the plan of the forward in flight."""
+
+    settings: Settings
+    backend: str
+    stock_attn: str
+    rotary_owner: nn.Module
+    stock_rotary: nn.Module
+    stock_inv_freq: torch.Tensor
+    stock_attention_scaling: float
+    frequencies: Callable[[int, torch.device], Rope]
+    far_view: PositionMap | None = None
+    hook: Any = None
+    plan: ForwardPlan | None = None
+    cache_ropes: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)

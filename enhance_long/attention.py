@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -17,15 +18,15 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.models.llama import modeling_llama
 
-from enhance_long.methods.catalog import Rope
+from enhance_long import consistent
+from enhance_long.consistent import RotatedKeys, TurnMemo, key_positions, turns
 from enhance_long.methods.pieces import causal_attention, fused
 from enhance_long.methods.relative import far_view_moves, two_view_attention, two_view_pieces
-from enhance_long.methods.rotation import as_pairs, rotation_delta, turned
+from enhance_long.methods.rotation import as_pairs, turned, working_dtype
 from enhance_long.state import ForwardPlan, PatchState
 
 BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
 ATTENTION_PREFIX = "enhance_long_"
-ROTATION_MEMO_BYTES = 1 << 30  # per forward; a 16k forward at the default bucket holds about 0.1 GiB
 
 
 def check_backend(backend: str) -> None:
@@ -41,19 +42,6 @@ def check_backend(backend: str) -> None:
             raise ValueError('attention="flash_attention_2" needs a CUDA GPU; use attention="sdpa" on this machine')
 
 
-def _rerotation(positions: torch.Tensor, source: Rope, target: Rope) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin that turn vectors rotated (and scaled) with ``source`` into ones rotated with ``target``."""
-    cos, sin = rotation_delta(positions, source.inv_freq, target.inv_freq)
-    ratio = target.scale / source.scale
-    return (cos * ratio, sin * ratio) if ratio != 1.0 else (cos, sin)
-
-
-def _slot_positions(positions: torch.Tensor, n_before: int, n_slots: int) -> torch.Tensor:
-    """Positions of the first ``n_slots`` key slots when ``n_before`` keys precede this forward's tokens."""
-    slots = positions[:, :1] - n_before + torch.arange(n_slots, device=positions.device)
-    return slots.clamp(min=0)
-
-
 def enhanced_attention(backend: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         state: PatchState = module._enhance_long
@@ -63,60 +51,49 @@ def enhanced_attention(backend: str):
         if state.far_view is not None:
             return _two_view(state, module, query, key, value, attention_mask, **kwargs)
         stock = _stock_attention(backend, module)
-        if not plan.groups:
+        if not plan.segments:
             return stock(module, query, key, value, attention_mask, **kwargs)
-        return _grouped_attention(stock, backend, plan, module, query, key, value, attention_mask, **kwargs)
+        return _consistent_attention(stock, backend, plan, module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"enhance_long_{backend}_attention"
     return attention
 
 
-def _grouped_attention(stock, backend, plan: ForwardPlan, module, query, key, value, attention_mask, **kwargs):
-    """One stock attention call per group of queries, each with its queries and keys re-rotated to its base.
-
-    The rotary embedding rotated this forward with ``plan.rope`` (the largest group's); other groups see a
-    re-rotated copy of the query rows they own and of the key prefix they may attend to. Those copies are laid out
-    by pairs (:func:`as_pairs`, paired once per layer), where a re-rotation is one complex product: re-rotating
-    each group's key prefix is the one cost this method adds to a forward, O(n^2 / bucket) per layer.
-    """
+def _consistent_attention(stock, backend, plan: ForwardPlan, module, query, key, value, attention_mask, **kwargs):
+    """Attention of the consistent methods: queries and keys arrive unrotated; each segment of queries attends to
+    its key prefix rotated to each row's frequencies (``consistent.py``), one stock call (or fused pieces) per
+    segment. Re-deriving a row's key prefix when its frequencies change is the one cost these methods add to a
+    forward, O(n^2 / bucket) per layer."""
     q_len, kv_len = query.shape[-2], key.shape[-2]
     n_before = kv_len - q_len
-    pieces = _pieces_apply(backend, plan, module, query, key, attention_mask, kwargs)
-    paired_query, paired_key = as_pairs(query), as_pairs(key)
+    key_pos = plan.remembered(("key positions", n_before), lambda: key_positions(plan.positions, n_before))
+    copy = RotatedKeys() if plan.copies is None else plan.copies.setdefault(module.layer_idx, RotatedKeys())
+    copy.valid = min(copy.valid, n_before)
+    query_turn = plan.remembered("query turn", lambda: turns(plan.positions, plan.lengths, plan.ropes))
+    query = turned(as_pairs(query), query_turn, query.dtype)
+    single = len(plan.segments) == 1  # decoding, inside T, per_forward: one stock call with the stock mask
+    pieces = not single and _pieces_apply(backend, plan, module, query, key, attention_mask, kwargs)
+    memo, slack = _turn_memo(plan), plan.copies is not None
     outputs = []
-    for start, end, rope in plan.groups:
+    for segment in plan.segments:
+        start, end = segment.start, segment.end
         kv_end = n_before + end
-        q, k, v = query[:, :, start:end], key[:, :, :kv_end], value[:, :, :kv_end]
-        if rope is not plan.rope:
-            turn = _group_rotation(plan, start, kv_len, n_before, kv_end, rope)
-            q = turned(paired_query[:, :, start:end], turn[:, n_before + start :], query.dtype)
-            k = turned(paired_key[:, :, :kv_end], turn, key.dtype)
+        k = copy.at(key, key_pos, segment.lengths, kv_end, plan.ropes, memo, slack)
+        q, v = query[:, :, start:end], value[:, :, :kv_end]
         if pieces:
-            outputs.append(
-                causal_attention(q, k, v, _scaling(module, kwargs.get("scaling"))).transpose(1, 2).to(value.dtype)
-            )
+            output = causal_attention(q, k, v, _scaling(module, kwargs.get("scaling"))).transpose(1, 2)
+            outputs.append(output.to(value.dtype))
             continue
-        mask = _group_mask(backend, plan, attention_mask, start, end, n_before, kv_end, query)
+        mask = attention_mask if single else _group_mask(backend, plan, attention_mask, start, end, n_before, kv_end, q)
         output, _ = stock(module, q, k, v, mask, **kwargs)
         outputs.append(output)
-    return torch.cat(outputs, dim=1).contiguous(), None
+    if plan.copies is not None:  # tie the copy to the key tensor it now mirrors (the cache layer's), for next time
+        copy.source = weakref.ref(key)
+    return (outputs[0] if single else torch.cat(outputs, dim=1).contiguous()), None
 
 
-def _group_rotation(plan: ForwardPlan, start: int, kv_len: int, n_before: int, kv_end: int, rope: Rope):
-    """``cos + i sin`` (batch, kv_end, dim/2) re-rotating a group's key prefix to its base (:func:`turned`): formed
-    by the first layer and kept for the others while the forward's rotations fit in ``ROTATION_MEMO_BYTES``, formed
-    anew per layer beyond that (bucket=1 over a long input has thousands of groups, whose rotations together would
-    take tens of GiB)."""
-    memo_key = ("rotation", start, kv_len)
-    if memo_key in plan.memo:
-        return plan.memo[memo_key]
-    rotation = torch.complex(*_rerotation(_slot_positions(plan.positions, n_before, kv_end), plan.rope, rope))
-    size = rotation.numel() * rotation.element_size()
-    held = plan.memo.get("rotation_bytes", 0)
-    if held + size <= ROTATION_MEMO_BYTES:
-        plan.memo[memo_key] = rotation
-        plan.memo["rotation_bytes"] = held + size
-    return rotation
+def _turn_memo(plan: ForwardPlan) -> TurnMemo:
+    return plan.remembered("turns", lambda: TurnMemo(consistent.ROTATION_MEMO_BYTES))
 
 
 def _pieces_apply(backend: str, plan: ForwardPlan, module, query, key, attention_mask, kwargs) -> bool:
@@ -193,13 +170,16 @@ def _two_view(state: PatchState, module, query, key, value, attention_mask, scal
     scaling = _scaling(module, scaling)
     if _pieces_apply(state.backend, plan, module, query, key, attention_mask, kwargs):
         n, kv = query.shape[-2], key.shape[-2]
-        moves = plan.remembered(("far view", n, kv), lambda: far_view_moves(n, kv, state.far_view, plan.rope.inv_freq))
+        work = working_dtype(query.dtype)
+        moves = plan.remembered(
+            ("far view", n, kv), lambda: far_view_moves(n, kv, state.far_view, plan.rope.inv_freq, work)
+        )
         return two_view_pieces(
             query, key, value, state.far_view, window, plan.rope.inv_freq, scaling, moves=moves
         ), None
     q_len, kv_len = query.shape[-2], key.shape[-2]
     n_before = kv_len - q_len
-    k_pos = _slot_positions(plan.positions, n_before, kv_len)
+    k_pos = key_positions(plan.positions, n_before)
 
     def allowed(start: int, end: int) -> torch.Tensor:
         if attention_mask is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,19 +71,16 @@ class DataConfig:
     max_docs: int | None = None
 
 
-@dataclass
-class RopeConfig:
-    """Every rope option carries every knob; the runner passes only those the chosen method takes."""
-
-    name: str = MISSING
-    alpha: float | None = None  # ntk, dynamic_ntk, consistent_ntk
-    bucket: int | None = None  # dynamic_ntk, consistent_ntk, dynamic_yarn
-    factor: float | None = None  # linear, yarn, ntk_by_parts
-    beta_fast: float | None = None  # yarn, ntk_by_parts, dynamic_yarn
-    beta_slow: float | None = None  # yarn, ntk_by_parts, dynamic_yarn
-    group: int | None = None  # self_extend
-    window: int | None = None  # self_extend, rerope, leaky_rerope
-    leak: float | None = None  # leaky_rerope: slope 1/leak beyond the window
+def rope_schema() -> type:
+    """The ``rope`` group's schema: ``name`` plus every knob of the catalogue, each optional (``null`` = not set), so
+    a sweep may set a knob some of its methods do not take (``rope=none,ntk rope.alpha=2``); the runner passes a
+    method only its own knobs."""
+    kinds = {True: int, False: float}
+    fields = [("name", str, field(default=MISSING))]
+    for name, knob in knob_specs().items():
+        kind = str if knob.choices else kinds[knob.integer]
+        fields.append((name, kind | None, field(default=None)))
+    return make_dataclass("RopeConfig", fields)
 
 
 @dataclass
@@ -132,7 +129,7 @@ class PasskeyConfig:
 class RunConfig:
     name: str = "${task.name}"  # names the output folder: outputs/<name>/..., multirun/<name>/...
     model: ModelConfig = MISSING
-    rope: RopeConfig = MISSING
+    rope: Any = MISSING  # typed by rope_schema(), registered as rope/rope_schema
     logn: LognConfig = MISSING
     attention: AttentionConfig = MISSING
     task: Any = MISSING  # typed by the task's own schema (task/perplexity.yaml lists perplexity_schema)
@@ -177,6 +174,7 @@ def experiment_package(path: Path) -> str:
 def register_configs(experiments_dir: Path = EXPERIMENTS_DIR) -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="rope", name="rope_schema", node=rope_schema())
     cs.store(group="task", name="perplexity_schema", node=PerplexityConfig)
     cs.store(group="task", name="passkey_schema", node=PasskeyConfig)
     for path in sorted(experiments_dir.glob("*.yaml")):

@@ -25,19 +25,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import DynamicCache
 
-from enhance_long.attention import (
-    ATTENTION_PREFIX,
-    _rerotation,
-    _slot_positions,
-    check_backend,
-    register_backend,
-)
+from enhance_long.attention import ATTENTION_PREFIX, check_backend, register_backend
+from enhance_long.consistent import identity_rotation, query_lengths, segments, validate_copies
 from enhance_long.methods.catalog import CATALOG, DEFAULT_ROPE, METHODS, Basis, Rope, check_knobs
 from enhance_long.methods.logn import logn_scale
 from enhance_long.methods.ntk import scheduled_length
-from enhance_long.methods.rotation import rotate_in_place
+from enhance_long.methods.rotation import from_pairs
 from enhance_long.state import ForwardPlan, PatchState, Settings
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -54,8 +49,12 @@ def trained_length(config) -> int:
     return int(original or config.max_position_embeddings)
 
 
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def rotary_dim(config) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = _head_dim(config)
     partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
     return int(head_dim * partial)
 
@@ -92,6 +91,11 @@ def resolve(model, rope: str = DEFAULT_ROPE, logn: bool = True, train_len: int |
             f"rope={rope!r} merges two position views before the softmax, which flash-attn cannot express; "
             "use attention=sdpa, eager or flex_attention"
         )
+    if method.consistent and rotary_dim(config) != _head_dim(config):
+        raise ValueError(
+            f"rope={rope!r} rotates whole heads, but this model rotates {rotary_dim(config)} of {_head_dim(config)} "
+            "dimensions (partial_rotary_factor); use rope='dynamic_ntk' or a static method"
+        )
     train_len = train_len or trained_length(config)
     return Settings(method, values, bool(logn), train_len, logn_len or train_len)
 
@@ -107,7 +111,9 @@ def _stock_backend(config) -> str:
 
 
 class DynamicRotary(nn.Module):
-    """Rotary embedding whose frequencies are chosen per forward by the pre-hook (``PatchState.plan.rope``)."""
+    """The rotary embedding of a dynamic method: transformers' dynamic NTK rotates with the frequencies the pre-hook
+    chose for this forward (``plan.rope``); the consistent methods get the identity, and their attention rotates
+    queries and keys itself (``consistent.py``), so the cache stores keys before RoPE."""
 
     def __init__(self, stock: nn.Module, state: PatchState):
         super().__init__()
@@ -116,6 +122,8 @@ class DynamicRotary(nn.Module):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rope = self.state.plan.rope
+        if rope is None:
+            return identity_rotation(x, position_ids)
         freqs = position_ids[..., None].float() * rope.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * rope.scale).to(x.dtype), (emb.sin() * rope.scale).to(x.dtype)
@@ -212,6 +220,18 @@ def describe(model) -> dict[str, Any] | None:
     }
 
 
+def attended_keys(model, cache, layer: int) -> torch.Tensor:
+    """The keys layer ``layer`` attended to in the last forward through ``cache``, rotated as the attention read them:
+    (batch, kv_heads, n, head_dim) in transformers' rotate-half layout. For the consistent methods that is the
+    rotated copy kept beside the cache (whose own keys are unrotated), else the cache's keys themselves."""
+    state: PatchState | None = getattr(model, "_enhance_long", None)
+    copies = state.rotated_keys.get(cache) if state is not None else None
+    if copies is None:
+        return cache.layers[layer].keys
+    copy = copies[layer]
+    return from_pairs(copy.buffer[:, :, : copy.valid])
+
+
 def _attention_modules(model):
     return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
 
@@ -224,21 +244,40 @@ def _make_pre_hook(state: PatchState):
         query_scale = None
         if settings.logn and seq_len > settings.logn_len:
             query_scale = logn_scale(positions, settings.logn_len)[:, None, :, None]
-        rope = state.frequencies(seq_len, positions.device)
-        groups = []
-        if settings.method.consistent:
-            if positions.shape[-1] > 1 and seq_len > settings.train_len:
-                groups = _query_groups(state, positions)
-            if groups:
-                # rotate with the largest group's frequencies so the fewest queries and keys need re-rotating
-                rope = max(groups, key=lambda group: group[1] - group[0])[2]
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            if cache is not None:
-                _sync_cache(state, cache, positions, rope)
-        state.plan = ForwardPlan(positions, seq_len, query_scale, rope, groups)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        method = settings.method
+        if cache is not None and (method.consistent or method.far_view) and not isinstance(cache, DynamicCache):
+            doing = "re-rotates" if method.consistent else "reads key positions from"
+            raise ValueError(
+                f"rope={method.name!r} {doing} a DynamicCache, got {type(cache).__name__}; "
+                "use the default cache (DynamicCache) or a method without state, e.g. rope='dynamic_ntk'"
+            )
+        if not method.consistent:
+            state.plan = ForwardPlan(positions, seq_len, query_scale, state.frequencies(seq_len, positions.device))
+            return None
+        knobs = settings.knobs
+        lengths = query_lengths(
+            positions, settings.train_len, knobs["bucket"], knobs["schedule"], _real_queries(kwargs, positions)
+        )
+        ropes = {length: state.frequencies(length, positions.device) for length in lengths.unique().tolist()}
+        copies = None
+        if cache is not None:
+            copies = state.rotated_keys.setdefault(cache, {})
+            validate_copies(copies, cache)
+        state.plan = ForwardPlan(
+            positions, seq_len, query_scale, None, segments(lengths), lengths=lengths, ropes=ropes, copies=copies
+        )
         return None
 
     return before_forward
+
+
+def _real_queries(kwargs, positions: torch.Tensor) -> torch.Tensor | None:
+    """Which of this forward's queries are real tokens (rows, q), from a 2D padding mask; None without one."""
+    mask = kwargs.get("attention_mask")
+    if not torch.is_tensor(mask) or mask.dim() != 2:
+        return None
+    return mask[:, -positions.shape[-1] :].bool()
 
 
 def _positions(args, kwargs) -> torch.Tensor:
@@ -252,48 +291,3 @@ def _positions(args, kwargs) -> torch.Tensor:
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     past = cache.get_seq_length() if cache is not None else 0
     return (torch.arange(inputs.shape[1], device=inputs.device) + past)[None]
-
-
-def _query_groups(state: PatchState, positions: torch.Tensor) -> list[tuple[int, int, Rope]]:
-    """Runs of consecutive queries that share a base; a single run means no grouping is needed.
-
-    In a left-padded batch every row takes the base of the longest row at each query index, as transformers does.
-    """
-    settings = state.settings
-    longest = positions.max(dim=0).values.tolist()
-    lengths = [scheduled_length(p + 1, settings.train_len, settings.knobs["bucket"]) for p in longest]
-    groups, start = [], 0
-    for i in range(1, len(lengths) + 1):
-        if i == len(lengths) or lengths[i] != lengths[start]:
-            groups.append((start, i, state.frequencies(lengths[start], positions.device)))
-            start = i
-    return groups if len(groups) > 1 else []
-
-
-def _same(a: Rope, b: Rope) -> bool:
-    return a is b or (a.scale == b.scale and torch.equal(a.inv_freq, b.inv_freq))
-
-
-def _sync_cache(state: PatchState, cache: Cache, positions: torch.Tensor, target: Rope) -> None:
-    """Re-rotate every key stored in ``cache`` to ``target``, in place, when it was written with other frequencies.
-
-    Stored keys sit contiguously right before this forward's tokens (also after a sliding window dropped the
-    oldest), so the key in slot j of a layer holding n keys has position ``positions[:, 0] - n + j``.
-    """
-    if not isinstance(cache, DynamicCache):
-        raise ValueError(
-            f"rope={state.settings.method.name!r} re-rotates a DynamicCache, got {type(cache).__name__}; "
-            "use the default cache (DynamicCache) or rope='dynamic_ntk'"
-        )
-    written = state.cache_ropes.get(cache) or Rope(state.stock_inv_freq.to(positions.device))
-    if not _same(written, target):
-        rotations: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for layer in cache.layers:
-            keys = getattr(layer, "keys", None)
-            if not torch.is_tensor(keys) or keys.numel() == 0:
-                continue
-            n = keys.shape[-2]
-            if n not in rotations:
-                rotations[n] = _rerotation(_slot_positions(positions, n, n), written, target)
-            rotate_in_place(keys, *rotations[n])
-    state.cache_ropes[cache] = target

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from enhance_long.consistent import RotatedKeys, Segment
 from enhance_long.methods.catalog import Method, Rope
 from enhance_long.methods.relative import PositionMap
 
@@ -37,9 +38,12 @@ class ForwardPlan:
     positions: torch.Tensor  # (batch or 1, q_len) position ids of this forward's queries
     seq_len: int  # largest position + 1
     query_scale: torch.Tensor | None  # (batch or 1, 1, q_len, 1) LogN factors, None when all are 1
-    rope: Rope  # the frequencies the rotary embedding uses in this forward (those of its largest query group)
-    groups: list[tuple[int, int, Rope]]  # (start, end, rope) query runs sharing a base; [] = one base
-    memo: dict = field(default_factory=dict)  # per-group rotations and masks, shared across layers
+    rope: Rope | None  # the frequencies the rotary embedding uses (None: consistent methods rotate in attention)
+    segments: list[Segment] = field(default_factory=list)  # consistent methods: query runs of constant lengths
+    lengths: torch.Tensor | None = None  # consistent methods: (batch or 1, q_len) each query's scheduled length
+    ropes: dict[int, Rope] = field(default_factory=dict)  # consistent methods: length -> frequencies
+    copies: dict[int, RotatedKeys] | None = None  # consistent methods: the cache's rotated keys, per layer
+    memo: dict = field(default_factory=dict)  # rotations and masks shared across layers
 
     def remembered(self, key, make: Callable[[], Any]) -> Any:
         """``memo[key]``, made by ``make()`` the first time a layer of this forward asks for it."""
@@ -63,4 +67,4 @@ class PatchState:
     far_view: PositionMap | None = None
     hook: Any = None
     plan: ForwardPlan | None = None
-    cache_ropes: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+    rotated_keys: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)  # cache -> copies

@@ -10,6 +10,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 import enhance_long
 from enhance_long.config import ConfigError, job_dirname, validate
+from enhance_long.methods.catalog import knob_specs
 from enhance_long.runner import configured_method, methods_to_run, plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,17 +40,15 @@ def test_design_example_runs_one_length():
     assert validate(cfg, list(enhance_long.METHODS)) == [32768]
 
 
-def test_every_rope_option_has_every_knob_and_enhance_long_defaults():
+def test_every_rope_option_lists_its_knobs_at_the_catalogue_defaults_and_composes_with_every_knob():
     files = sorted((CONF / "rope").glob("*.yaml"))
-    assert {f.stem for f in files} >= {"none", "linear", "ntk", "dynamic_ntk", "consistent_ntk", "yarn"}
-    keys = [list(yaml.safe_load(f.read_text())) for f in files]
-    assert all(k == keys[0] for k in keys), "every rope yaml must list the same keys in the same order"
+    assert {f.stem for f in files} == set(enhance_long.METHODS), "one rope option per method of the catalogue"
     for f in files:
         values = yaml.safe_load(f.read_text())
-        assert values["name"] == f.stem
-        takes = enhance_long.METHODS[f.stem]
-        set_knobs = {k: v for k, v in values.items() if k != "name" and v is not None}
-        assert set_knobs == takes, f"{f.name} must set exactly the knobs {f.stem} takes, at enhance_long's defaults"
+        assert values.pop("defaults") == ["rope_schema", "_self_"]
+        assert values.pop("name") == f.stem
+        assert values == enhance_long.METHODS[f.stem], f"{f.name} must list exactly {f.stem}'s knobs, at their defaults"
+        assert set(compose_config(f"rope={f.stem}").rope) == {"name", *knob_specs()}, "every knob composes"
 
 
 def test_every_yaml_is_headed_by_the_command_that_uses_it():
@@ -85,7 +84,7 @@ def test_jobs_differing_only_in_ignored_knobs_share_their_result_keys():
 
 def test_baseline_is_the_stock_model_and_is_not_doubled():
     methods, _ = methods_to_run(compose_config("baseline=true"), enhance_long.METHODS)
-    assert [m.label for m in methods] == ["none", "consistent_ntk(alpha=2,bucket=256)+logn"]
+    assert [m.label for m in methods] == ["none", "consistent_ntk(alpha=2,bucket=256,schedule=per_query)+logn"]
     methods, _ = methods_to_run(compose_config("baseline=true", "rope=none", "logn=off"), enhance_long.METHODS)
     assert [m.label for m in methods] == ["none"]
 

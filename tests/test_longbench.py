@@ -189,7 +189,10 @@ def test_seed_experiment_composes_to_the_original_comparison():
         "4096,8192,16384,32768",
     )
     job = plan(cfg)
-    assert [method.label for method in job.methods] == ["none", "consistent_ntk(alpha=2,bucket=256)+logn"]
+    assert [method.label for method in job.methods] == [
+        "none",
+        "consistent_ntk(alpha=2,bucket=256,schedule=per_query)+logn",
+    ]
     assert [cell for _, cell, _, _ in job.work[:11]] == [{"ctx": 8192, "dataset": name} for name in lb.SEED_DATASETS]
 
 

@@ -79,18 +79,19 @@ def test_consistent_ntk_chunked_prefill_equals_one_forward(family, ids):
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=0, atol=2e-5)
 
 
-def test_consistent_ntk_group_rotations_are_kept_within_their_memory_budget(monkeypatch, ids):
-    import enhance_long.attention as attention
+def test_consistent_ntk_key_turns_are_kept_within_their_memory_budget(monkeypatch, ids):
+    import enhance_long.consistent as consistent
 
     model = enhance_long.apply(tiny_model(), rope="consistent_ntk", bucket=1, logn=False)
     kept = logits(model, ids)
-    held = {k: v for k, v in model._enhance_long.plan.memo.items() if k[0] == "rotation"}
-    assert len(held) == ids.shape[1] - TRAIN_LEN  # one per query past T: each is its own group at bucket 1
-    one = sum(t.numel() * t.element_size() for t in next(iter(held.values())))
-    monkeypatch.setattr(attention, "ROTATION_MEMO_BYTES", 3 * one)  # room for the first (shortest) groups only
+    held = model._enhance_long.plan.memo["turns"].turns
+    # the first segment's keys, then one re-derived key prefix per query past T: each is its own segment at bucket 1
+    assert sum(key[3] == 0 for key in held) == ids.shape[1] - TRAIN_LEN + 1
+    one = max(t.numel() * t.element_size() for t in held.values())
+    monkeypatch.setattr(consistent, "ROTATION_MEMO_BYTES", 3 * one)  # room for a few turns only
     bounded = logits(model, ids)
-    memo = model._enhance_long.plan.memo
-    assert 0 < sum(k[0] == "rotation" for k in memo) < len(held) and memo["rotation_bytes"] <= 3 * one
+    memo = model._enhance_long.plan.memo["turns"]
+    assert 0 < len(memo.turns) < len(held) and memo.bytes <= 3 * one
     torch.testing.assert_close(bounded, kept, rtol=0, atol=0)
 
 

@@ -48,8 +48,8 @@ def test_perplexity_job_writes_the_output_contract(corpus, tmp_path):
     assert [(r["method"], r["ctx"]) for r in aggregate] == [
         ("none", 64),
         ("none", 128),
-        ("consistent_ntk(alpha=2,bucket=256)+logn", 64),
-        ("consistent_ntk(alpha=2,bucket=256)+logn", 128),
+        ("consistent_ntk(alpha=2,bucket=256,schedule=per_query)+logn", 64),
+        ("consistent_ntk(alpha=2,bucket=256,schedule=per_query)+logn", 128),
     ]
     rows = read_rows(tmp_path / RESULTS)
     assert all(set(r) >= ROW_CONTRACT and "ppl" in r and "tokens" in r for r in rows)

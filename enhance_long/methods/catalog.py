@@ -142,8 +142,18 @@ BETA_SLOW = Knob(
 WINDOW_HELP = "exact-position window in tokens"
 
 
+SCHEDULE = Knob(
+    "schedule",
+    "per_query",
+    "per_query: each query's own length; per_forward: the longest of the forward (the original enhance-long)",
+    choices=("per_query", "per_forward"),
+)
+
+
 def _bucket(default: int) -> Knob:
-    return Knob("bucket", default, "1 = exact schedule", integer=True, minimum=1)
+    return Knob(
+        "bucket", default, "the base is recomputed every bucket tokens past T; 1 = exact", integer=True, minimum=1
+    )
 
 
 def _window(default: int) -> Knob:
@@ -208,20 +218,21 @@ for _method in (
         (ALPHA, _bucket(1)),
         _dynamic_ntk,
         dynamic=True,
-        does="transformers' dynamic NTK: one base per forward, from its longest position; cached keys keep the "
-        "base they were written with",
-        formula="base' = base·(alpha·L/T - (alpha-1))^(d/(d-2)) for L > T",
+        does="transformers' dynamic NTK: one base per forward, from its longest position (of the whole batch); "
+        "cached keys keep the base they were written with",
+        formula="base' = base·(alpha·L/T - (alpha-1))^(d/(d-2)) for L > T, L = the forward's longest position + 1",
         reach="any, degrading slowly",
     ),
     Method(
         "consistent_ntk",
         # bucket 256: a 16k forward past an 8k trained length runs 33 query groups instead of 8193
-        (ALPHA, _bucket(256)),
+        (ALPHA, _bucket(256), SCHEDULE),
         _dynamic_ntk,
         dynamic=True,
         consistent=True,
-        does="the seed's method, fixed: each query and **every key it reads** use the base of the query's own length",
-        formula="same base, L = i per query",
+        does="the seed's method, fixed: each query and **every key it reads** use the base of the query's own length "
+        "(`schedule=per_forward`: of the forward's longest position, the original tool)",
+        formula="dynamic NTK's base with L = i+1 per query (per row of a batch)",
         reach="any, degrading slowly",
     ),
     Method(
@@ -237,19 +248,20 @@ for _method in (
         "ntk_by_parts",
         YARN_KNOBS,
         _ntk_by_parts,
-        does="YaRN's frequencies without its temperature",
+        does="the YaRN paper's NTK-by-parts: YaRN's frequencies without its temperature (not the older three-way "
+        "blend of jquesnelle's first release)",
         formula="interpolate wavelengths > T/beta_slow by factor, keep < T/beta_fast, ramp between",
         reach="factor·T",
         checks=(_yarn_betas_ordered,),
     ),
     Method(
         "dynamic_yarn",
-        (BETA_FAST, BETA_SLOW, _bucket(256)),
+        (BETA_FAST, BETA_SLOW, _bucket(256), SCHEDULE),
         _dynamic_yarn,
         dynamic=True,
         consistent=True,
-        does="YaRN with factor = L/T per query, consistent like `consistent_ntk`",
-        formula="factor = max(1, i/T)",
+        does="YaRN with factor = L/T per query, consistent like `consistent_ntk` (same `schedule`)",
+        formula="factor = max(1, (i+1)/T)",
         reach="any",
         checks=(_yarn_betas_ordered,),
     ),
@@ -258,15 +270,15 @@ for _method in (
         (Knob("group", 4, "keys merged per position", integer=True, minimum=1), _window(1024)),
         far_view=lambda k: self_extend_positions(k["group"], k["window"]),
         does="Self-Extend (Jin et al. 2024): grouped attention",
-        formula="rel = i-j if i-j < W, else (i//G + W - W//G) - j//G",
-        reach="(T-W)·G + W",
+        formula="rel = i-j if i-j < window, else (i//group + window - window//group) - j//group",
+        reach="(T-window)·group + window",
     ),
     Method(
         "rerope",
         (_window(2048),),
         far_view=lambda k: rerope_positions(k["window"]),
         does="ReRoPE (Su 2023)",
-        formula="rel = min(i-j, w)",
+        formula="rel = min(i-j, window)",
         reach="any",
     ),
     Method(
@@ -274,8 +286,8 @@ for _method in (
         (_window(2048), Knob("leak", 16.0, "slope 1/leak beyond the window", minimum=1.0)),
         far_view=lambda k: leaky_rerope_positions(k["window"], k["leak"]),
         does="leaky ReRoPE",
-        formula="rel = i-j if i-j < w, else w + (i-j-w)/leak",
-        reach="w + (T-w)·leak",
+        formula="rel = i-j if i-j < window, else window + (i-j-window)/leak",
+        reach="window + (T-window)·leak",
     ),
 ):
     register_method(_method)
@@ -334,6 +346,10 @@ def methods_table() -> str:
         "|---|---|---|---|---|",
     ]
     for method in CATALOG.values():
-        knobs = ", ".join(f"`{k.name}` ({k.default:g})" for k in method.knobs) or "--"
+        knobs = ", ".join(f"`{k.name}` ({_shown(k.default)})" for k in method.knobs) or "--"
         lines.append(f"| `{method.name}` | {method.does} | {method.formula} | {knobs} | {method.reach} |")
     return "\n".join(lines) + "\n"
+
+
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, int | float) else str(value)

@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 import torch
 
+from enhance_long.methods.rotation import working_dtype
+
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _GPU_EFFICIENT = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
 
@@ -97,7 +99,7 @@ def attend(
     causal: bool = False,
     max_block_elements: int = 1 << 25,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``softmax(scale * q k^T) v`` and its log-sum-exp per query, in float32.
+    """``softmax(scale * q k^T) v`` and its log-sum-exp per query, in float32 (float64 for float64 inputs).
 
     ``query`` (batch, heads, n, dim); ``key``/``value`` (batch, kv_heads, m, dim) with kv_heads dividing heads.
     ``causal``: query i sees keys 0..i (top-left, as ``is_causal`` in ``scaled_dot_product_attention``).
@@ -112,7 +114,8 @@ def attend(
     if kv_heads != heads and not (kernel is _cpu_kernel and _native_gqa()):
         key, value = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (key, value))
     output, lse = kernel(query, key, value, scale, causal)
-    return output.float(), lse.float()
+    work = working_dtype(query.dtype)
+    return output.to(work), lse.to(work)
 
 
 def _by_products(query, key, value, scale: float, causal: bool, max_block_elements: int = 1 << 25):
@@ -121,17 +124,18 @@ def _by_products(query, key, value, scale: float, causal: bool, max_block_elemen
     if kv_heads != heads:
         key, value = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (key, value))
     n, m = query.shape[-2], key.shape[-2]
+    work = working_dtype(query.dtype)
     block = max(1, max_block_elements // max(1, query.shape[0] * heads * m))
     outputs, lses = [], []
     for start in range(0, n, block):
         end = min(start + block, n)
-        scores = torch.matmul(query[:, :, start:end], key.transpose(-1, -2)).float() * scale
+        scores = torch.matmul(query[:, :, start:end], key.transpose(-1, -2)).to(work) * scale
         if causal:
             hidden = torch.arange(m, device=query.device)[None] > torch.arange(start, end, device=query.device)[:, None]
             scores = scores.masked_fill(hidden, float("-inf"))
         lse = scores.logsumexp(dim=-1)
         weights = (scores - lse[..., None]).exp()
-        outputs.append(torch.matmul(weights, value.float()))
+        outputs.append(torch.matmul(weights, value.to(work)))
         lses.append(lse)
     return torch.cat(outputs, dim=2), torch.cat(lses, dim=2)
 
@@ -145,13 +149,14 @@ def _folded(kernel: Kernel, query: torch.Tensor, key: torch.Tensor, value: torch
     heads, n, kv_heads = query.shape[1], query.shape[2], key.shape[1]
     stacked = query.unflatten(1, (kv_heads, heads // kv_heads)).flatten(2, 3)
     output, lse = kernel(stacked, key, value, scale, False)
-    return output.float().unflatten(2, (-1, n)).flatten(1, 2), lse.float().unflatten(2, (-1, n)).flatten(1, 2)
+    work = working_dtype(query.dtype)
+    return output.to(work).unflatten(2, (-1, n)).flatten(1, 2), lse.to(work).unflatten(2, (-1, n)).flatten(1, 2)
 
 
 class Merged:
     """Attention of a block of query rows over the key pieces added to it, merged once at the end.
 
-    ``into`` (batch, heads, rows, dim), float32, receives the result (it may be a view into a larger output, so
+    ``into`` (batch, heads, rows, dim), in the pieces' working dtype, receives the result (it may be a view into a larger output, so
     blocks write where they belong without a final concatenation). The first piece must give every row a key (the
     causal square holding each query's own key), so no row's log-sum-exp is -inf; later pieces may cover a
     contiguous subset of the rows. Each piece costs one fused multiply-add over its rows when merged.
@@ -167,7 +172,7 @@ class Merged:
     def merge(self) -> torch.Tensor:
         """Write the merged attention into ``into`` and return it."""
         (_, total), _ = self.pieces[0]
-        total = total.float().clone()
+        total = total.clone()
         for (_, lse), rows in self.pieces[1:]:
             total[:, :, rows] = torch.logaddexp(total[:, :, rows], lse)
         for i, ((output, lse), rows) in enumerate(self.pieces):
@@ -182,13 +187,13 @@ class Merged:
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of the last ``n`` of ``m`` positions (queries (b, h, n, d), keys (b, h_kv, m, d)): the
     bottom-right causal mask, as two unmasked-or-square pieces: keys ``0..m-n-1`` (all visible) and a causal square.
-    Returns (b, h, n, d) float32 (with more than a square, laid out as (b, n, h, d): transformers' layout).
+    Returns (b, h, n, d) in the working dtype (with more than a square, laid out as (b, n, h, d): transformers' layout).
     """
     n, m = query.shape[-2], key.shape[-2]
     square = attend(query, key[:, :, m - n :], value[:, :, m - n :], scale, causal=True)
     if m == n:
         return square[0]
-    output = torch.empty(query.shape[0], n, query.shape[1], value.shape[-1], device=query.device)
+    output = square[0].new_empty(query.shape[0], n, query.shape[1], value.shape[-1])
     merged = Merged(square, into=output.transpose(1, 2))
     merged.add(attend(query, key[:, :, : m - n], value[:, :, : m - n], scale))
     return merged.merge()

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from enhance_long.methods.pieces import Merged, attend, fused
-from enhance_long.methods.rotation import rotated
+from enhance_long.methods.rotation import rotated, working_dtype
 
 PositionMap = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -47,27 +47,26 @@ def leaky_rerope_positions(window: int, leak: float) -> PositionMap:
     return far
 
 
-def position_move(from_pos: torch.Tensor, to_pos: torch.Tensor, inv_freq: torch.Tensor):
-    """cos and sin (batch, seq, dim/2) that turn vectors rotated at ``from_pos`` into vectors rotated at ``to_pos``.
-
-    The angle difference is formed in float64 so fractional positions (leaky ReRoPE) stay exact enough.
+def position_move(from_pos: torch.Tensor, to_pos: torch.Tensor, inv_freq: torch.Tensor, dtype=torch.float32):
+    """cos and sin (batch, seq, dim/2) in ``dtype`` that turn vectors rotated at ``from_pos`` into vectors rotated at
+    ``to_pos``. The angle difference is formed in float64 so fractional positions (leaky ReRoPE) stay exact enough.
     """
     angle = (to_pos.double() - from_pos.double())[..., None] * inv_freq.double()
-    return angle.cos().float(), angle.sin().float()
+    return angle.cos().to(dtype), angle.sin().to(dtype)
 
 
 def move_positions(x: torch.Tensor, from_pos: torch.Tensor, to_pos: torch.Tensor, inv_freq: torch.Tensor):
     """A copy of ``x`` (batch, heads, seq, dim), rotated at ``from_pos`` (batch, seq), re-rotated to ``to_pos``."""
-    return rotated(x, *position_move(from_pos, to_pos, inv_freq))
+    return rotated(x, *position_move(from_pos, to_pos, inv_freq, working_dtype(x.dtype)))
 
 
-def far_view_moves(n: int, kv: int, far_positions: PositionMap, inv_freq: torch.Tensor):
+def far_view_moves(n: int, kv: int, far_positions: PositionMap, inv_freq: torch.Tensor, dtype=torch.float32):
     """The (query, key) :func:`position_move` pairs into the far view when ``n`` queries end a run of ``kv``
     contiguous positions from 0: what :func:`two_view_pieces` applies, the same in every layer of a forward."""
     q_pos = torch.arange(kv - n, kv, device=inv_freq.device)[None]
     k_pos = torch.arange(kv, device=inv_freq.device)[None]
     q_far_pos, k_far_pos = far_positions(q_pos, k_pos)
-    return position_move(q_pos, q_far_pos, inv_freq), position_move(k_pos, k_far_pos, inv_freq)
+    return position_move(q_pos, q_far_pos, inv_freq, dtype), position_move(k_pos, k_far_pos, inv_freq, dtype)
 
 
 def two_view_attention(
@@ -104,7 +103,7 @@ def two_view_attention(
         near = torch.matmul(query[:, :, start:end], key.transpose(-1, -2))
         far = torch.matmul(query_far[:, :, start:end], key_far.transpose(-1, -2))
         distance = q_pos[:, start:end, None] - k_pos[:, None, :]
-        scores = torch.where((distance < window)[:, None], near, far).float() * scaling
+        scores = torch.where((distance < window)[:, None], near, far).to(working_dtype(query.dtype)) * scaling
         scores = scores.masked_fill(~allowed(start, end), float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(value.dtype)
         outputs.append(torch.matmul(weights, value))
@@ -142,11 +141,11 @@ def two_view_pieces(
     """
     heads, n, kv = query.shape[1], query.shape[-2], key.shape[-2]
     p0 = kv - n
-    to_query, to_key = moves or far_view_moves(n, kv, far_positions, inv_freq)
+    to_query, to_key = moves or far_view_moves(n, kv, far_positions, inv_freq, working_dtype(query.dtype))
     query_far, key_far = rotated(query, *to_query), rotated(key, *to_key)
     if key.shape[1] != heads and not fused(query):  # once per layer rather than once per call
         key, key_far, value = (t.repeat_interleave(heads // key.shape[1], dim=1) for t in (key, key_far, value))
-    output = torch.empty(query.shape[0], n, heads, value.shape[-1], device=query.device)
+    output = query.new_empty(query.shape[0], n, heads, value.shape[-1], dtype=working_dtype(query.dtype))
     step = max(1, min(block, window))
     for s in range(0, n, step):
         e = min(s + step, n)

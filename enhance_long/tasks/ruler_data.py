@@ -557,9 +557,12 @@ def fit(
     smallest: int = 1,
     largest: int | None = None,
     what: str = "this task",
+    generated: int = 0,
 ) -> Prompt:
-    """The sample ``build(n)`` with the smallest haystack ``n`` that reaches ``budget`` tokens, trimmed to exactly
-    ``budget``: surplus tokens come off the end of the last haystack pieces (never a needle or the question)."""
+    """The sample ``build(n)`` with the smallest haystack ``n >= smallest`` that reaches ``budget`` tokens, trimmed
+    to exactly ``budget``: surplus tokens come off the end of the last haystack pieces (never a needle or the
+    question). A budget that even the smallest haystack overflows is an error, not a mutilated sample; ``what`` and
+    ``generated`` (the tokens generated after the prompt) word it."""
 
     @functools.cache
     def tokenized(n: int) -> tuple[Draft, list[Piece], list[list[int]], int]:
@@ -571,8 +574,12 @@ def fit(
 
     n = smallest_reaching(lambda k: tokenized(k)[3], budget, smallest, largest)
     if n is None:
-        raise ValueError(f"{what} cannot fill {budget} tokens: its haystack runs out at {largest} units")
+        raise ValueError(f"{what}: its haystack runs out at {largest} units, short of {budget} tokens")
     draft, pieces, ids, total = tokenized(n)
+    if n == smallest and total > budget:
+        raise ValueError(
+            f"{what}: its shortest prompt has {total} tokens and {budget} are left for it; use ctx>={total + generated}"
+        )
     ids = [list(chunk) for chunk in ids]
     surplus, trimmed = total - budget, len(pieces)
     for i in reversed(range(len(pieces))):
@@ -583,8 +590,7 @@ def fit(
             ids[i] = ids[i][: len(ids[i]) - cut]
             surplus, trimmed = surplus - cut, i
     if surplus:
-        need = total - sum(len(chunk) for chunk, piece in zip(tokenized(n)[2], pieces, strict=True) if piece.hay)
-        raise ValueError(f"{what}: the prompt needs {need} tokens besides its haystack, and {budget} are left")
+        raise ValueError(f"{what}: {surplus} tokens too many are left after trimming the whole haystack")
     lead = list(frame(len(draft.turns)).lead)
     shared = len(lead)
     for i, (piece, chunk) in enumerate(zip(pieces, ids, strict=True)):
@@ -622,7 +628,7 @@ def build_prompt(
     """Sample ``index`` of ``task`` at length ``ctx``: a prompt of exactly ``ctx - tokens_to_generate`` ids."""
     spec = TASKS[task]
     key = sample_seed(seed, ctx, task, index)
-    what = f"ctx={ctx} is too short for RULER's {task} ({spec.tokens_to_generate} tokens to generate)"
+    what = f"ctx={ctx} is too short for RULER's {task}"
     smallest, largest = 1, None
     if spec.family == "niah":
         if spec.haystack == "essay" and not sources.sentences:
@@ -643,7 +649,7 @@ def build_prompt(
         smallest, largest = CWE_COMMON, len(cwe_words())
     elif spec.family == "freq_words_extraction":
         if (ctx - spec.tokens_to_generate) // FWE_VOCAB_PER < 4:
-            raise ValueError(f"{what}: fwe's vocabulary of (ctx - 50) // 50 coded words needs ctx >= 250")
+            raise ValueError(f"{what}: fwe's vocabulary of (ctx - 50) // 50 coded words needs ctx>=250")
         build = functools.partial(fwe_draft, key, ctx=ctx)
     else:
         data = sources.qa[spec.dataset]
@@ -654,4 +660,5 @@ def build_prompt(
             )
         build = functools.partial(qa_draft, key, data=data, question=index)
         smallest = len(data.questions[index]["context"])
-    return fit(build, ctx - spec.tokens_to_generate, frame, encode, smallest, largest, what)
+    budget = ctx - spec.tokens_to_generate
+    return fit(build, budget, frame, encode, smallest, largest, what, spec.tokens_to_generate)

@@ -24,6 +24,7 @@ from enhance_long.tasks import ruler_data as rd
 from enhance_long.tasks.base import TaskEnv
 from enhance_long.tasks.ruler import TASK, RulerConfig, method_scores, ruler_table, use_chat_template
 from enhance_long.tasks.ruler_metrics import (
+    METRICS,
     effective_length,
     match_all,
     match_part,
@@ -129,6 +130,14 @@ def test_templates_answer_prefixes_and_generation_lengths_are_rulers():
     assert rd.NOISE == "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
     assert rd.NEEDLE == "One of the special magic {type_needle_v} for {key} is: {value}."
     assert rd.DOCUMENT == "Document {i}:\n{document}"
+    # scripts/eval/synthetic/constants.py: qa is scored by string_match_part, every other family by string_match_all
+    assert {family: metric for family, (metric, _) in METRICS.items()} == {
+        "niah": string_match_all,
+        "variable_tracking": string_match_all,
+        "common_words_extraction": string_match_all,
+        "freq_words_extraction": string_match_all,
+        "qa": string_match_part,
+    }
     numpy = pytest.importorskip("numpy")
     assert list(rd.DEPTHS) == numpy.round(numpy.linspace(0, 100, num=40, endpoint=True)).astype(int).tolist()
 

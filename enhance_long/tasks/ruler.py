@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -75,20 +74,14 @@ from enhance_long.tasks.ruler_data import (
     SYNTHETIC,
     TASKS,
     Encoder,
+    Prompt,
     Sources,
     build_prompt,
     chat_frame,
     raw_frame,
     split_sentences,
 )
-from enhance_long.tasks.ruler_metrics import (
-    effective_length,
-    match_all,
-    match_part,
-    postprocess,
-    string_match_all,
-    string_match_part,
-)
+from enhance_long.tasks.ruler_metrics import METRICS, effective_length, postprocess
 
 CHAT_TEMPLATE_CHOICES = ("auto", True, False)
 THRESHOLD = 85.6  # RULER: Llama-2-7B's average at 4k, the bar for "effective"
@@ -144,7 +137,7 @@ def check(cfg: Any, ctxs: Sequence[int]) -> None:
             if ctx <= TASKS[name].tokens_to_generate:
                 raise ValueError(
                     f"ctx={ctx} leaves no prompt for RULER's {name}, which generates "
-                    f"{TASKS[name].tokens_to_generate} tokens; use lengths of 1024 or more"
+                    f"{TASKS[name].tokens_to_generate} tokens; use longer lengths (RULER's shortest is 4096)"
                 )
 
 
@@ -188,10 +181,9 @@ class Ruler:
         """What ``task`` draws on, read once per job: the essay sentences, or its QA file."""
         spec = TASKS[task]
         if spec.haystack == "essay" and spec.family == "niah":
-            key = ("ruler.sentences", json.dumps(_plain(env.data_cfg), sort_keys=True, default=str))
-            if key not in env.cache:
-                env.cache[key] = essay_sentences(env.data_cfg)
-            return Sources(sentences=env.cache[key])
+            if "ruler.sentences" not in env.cache:  # one data= corpus per job
+                env.cache["ruler.sentences"] = essay_sentences(env.data_cfg)
+            return Sources(sentences=env.cache["ruler.sentences"])
         if spec.dataset is not None:
             key = ("ruler.qa", spec.dataset, env.cfg.qa_path)
             if key not in env.cache:
@@ -200,8 +192,8 @@ class Ruler:
             return Sources(qa={spec.dataset: env.cache[key]})
         return Sources()
 
-    def prompts(self, env: TaskEnv, task: str, ctx: int) -> list:
-        """The cell's ``task.samples`` prompts (:class:`ruler_data.Prompt`), built with the job's tokenizer."""
+    def prompts(self, env: TaskEnv, task: str, ctx: int) -> list[Prompt]:
+        """The cell's ``task.samples`` prompts, built with the job's tokenizer."""
         if "ruler.encode" not in env.cache:
             chat = use_chat_template(env.cfg.chat_template, env.tokenizer)
             lead = _leading_special(env.tokenizer)
@@ -219,8 +211,7 @@ class Ruler:
         spec = TASKS[task]
         prompts = self.prompts(env, task, ctx)
         outputs = generate(env, [p.ids for p in prompts], spec.tokens_to_generate, desc=f"ruler {task} @ {ctx}")
-        # RULER scores qa by any reference found, the others by the share of references found
-        metric, cell_metric = (match_part, string_match_part) if spec.family == "qa" else (match_all, string_match_all)
+        cell_metric, metric = METRICS[spec.family]
         method = describe(env.model)  # a job may measure several methods (baseline=true) into one predictions file
         lines = []
         for index, (prompt, output) in enumerate(zip(prompts, outputs, strict=True)):
@@ -271,12 +262,6 @@ class Ruler:
 
 
 TASK = Ruler()
-
-
-def _plain(value: Any) -> Any:
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
 
 # --- the table and the plot ---------------------------------------------------------------------------------------

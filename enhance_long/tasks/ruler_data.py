@@ -215,6 +215,23 @@ def template_pieces(template: str, context: list[Piece], **fields: str) -> list[
     return [Piece(head.format(**fields), shared=True), *context, Piece(tail.format(**fields))]
 
 
+def interleaved(units: Sequence[str], inserts: Sequence[tuple[int, str]], sep: str, shared: bool) -> list[Piece]:
+    """Pieces for the haystack ``units`` joined by ``sep`` with each ``(i, text)`` of ``inserts`` placed before unit
+    ``i`` (after the last for ``i == len(units)``; in the given order where several share a place). Units are
+    haystack, trimmable and, when ``shared``, the same in every sample; inserts are the sample's own."""
+    at: dict[int, list[str]] = {}
+    for i, text in inserts:
+        at.setdefault(i, []).append(text)
+    texts, hay = [], []
+    for i in range(len(units) + 1):
+        texts += at.get(i, [])
+        hay += [False] * len(at.get(i, []))
+        if i < len(units):
+            texts.append(units[i])
+            hay.append(True)
+    return [replace(p, hay=h, shared=h and shared) for p, h in zip(joined(texts, sep), hay, strict=True)]
+
+
 def _singular(text: str) -> str:
     """niah.py's wording for one needle asked: "Some ... are all" becomes "A ... is"."""
     for plural, single in (("Some", "A"), ("are all", "is"), ("are", "is"), ("answers", "answer")):
@@ -232,19 +249,11 @@ def niah_draft(spec: Spec, seed: str, n: int, sentences: Sequence[str] = ()) -> 
         values.append([random_value(rng, spec.type_v) for _ in range(spec.values)])
         needles += [NEEDLE.format(type_needle_v=spec.type_v, key=keys[-1], value=value) for value in values[-1]]
     rng.shuffle(needles)
-    if spec.haystack == "essay":
+    if spec.haystack == "essay":  # at sentence boundaries, at depths (%) drawn from RULER's 40
         document = [sentences[i % len(sentences)] for i in range(n)]
         depths = sorted(int(n * (depth / 100)) for depth in rng.sample(DEPTHS, len(needles)))
-        bounds = [0, *depths, n]
-        texts, kinds = [], []
-        for i in range(len(bounds) - 1):
-            texts += document[bounds[i] : bounds[i + 1]]
-            kinds += [True] * (bounds[i + 1] - bounds[i])
-            if i < len(needles):
-                texts.append(needles[i])
-                kinds.append(False)
-        context = [replace(p, hay=hay, shared=hay) for p, hay in zip(joined(texts, " "), kinds, strict=True)]
-    else:
+        context = interleaved(document, list(zip(depths, needles, strict=True)), " ", shared=True)
+    else:  # before random lines of noise, or of distractor needles
         if spec.haystack == "noise":
             lines = [NOISE] * n
         else:
@@ -254,18 +263,8 @@ def niah_draft(spec: Spec, seed: str, n: int, sentences: Sequence[str] = ()) -> 
                 )
                 for _ in range(n)
             ]
-        slots = dict(zip(rng.sample(range(n), len(needles)), needles, strict=True))  # needle before line i
-        texts, kinds = [], []
-        for i, line in enumerate(lines):
-            if i in slots:
-                texts.append(slots[i])
-                kinds.append(False)
-            texts.append(line)
-            kinds.append(True)
-        shared = spec.haystack == "noise"
-        context = [
-            replace(p, hay=hay, shared=hay and shared) for p, hay in zip(joined(texts, "\n"), kinds, strict=True)
-        ]
+        slots = rng.sample(range(n), len(needles))
+        context = interleaved(lines, list(zip(slots, needles, strict=True)), "\n", shared=spec.haystack == "noise")
     chosen = rng.sample(range(len(keys)), spec.queries)
     queries = [keys[i] for i in chosen]
     query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
@@ -294,15 +293,7 @@ def vt_pieces(rng: random.Random, n: int, letters: int) -> tuple[list[Piece], st
     value = str(rng.randrange(10000, 99999))
     chain = [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(VT_HOPS)]
     slots = sorted(rng.sample(range(n), len(chain)))  # chain[j] goes before noise line slots[j]
-    texts, kinds, link = [], [], 0
-    for i in range(n):
-        while link < len(chain) and slots[link] == i:
-            texts.append(chain[link])
-            kinds.append(False)
-            link += 1
-        texts.append(NOISE)
-        kinds.append(True)
-    context = [replace(p, hay=hay, shared=hay) for p, hay in zip(joined(texts, "\n"), kinds, strict=True)]
+    context = interleaved([NOISE] * n, list(zip(slots, chain, strict=True)), "\n", shared=True)
     return template_pieces(FAMILIES["variable_tracking"].template, context, query=value), value, names
 
 

@@ -56,6 +56,16 @@ def string_match_part(predictions: Sequence[str], references: Sequence[Sequence[
     return _mean_x100([match_part(p, r) for p, r in zip(predictions, references, strict=True)])
 
 
+# scripts/eval/synthetic/constants.py: each generator's metric_fn, with its per-sample score.
+METRICS = {
+    "niah": (string_match_all, match_all),
+    "variable_tracking": (string_match_all, match_all),
+    "common_words_extraction": (string_match_all, match_all),
+    "freq_words_extraction": (string_match_all, match_all),
+    "qa": (string_match_part, match_part),
+}
+
+
 def effective_length(averages: Mapping[int, float], threshold: float) -> int | None:
     """The longest length up to which the average score stays at or above ``threshold`` (RULER: 85.6,
     Llama-2-7B's score at 4k): lengths are walked from the shortest and the walk stops at the first one below it.

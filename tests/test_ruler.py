@@ -374,13 +374,22 @@ def test_samples_are_seeded_per_task_length_and_index(encode):
 
 
 def test_a_context_too_short_is_a_one_line_error(encode):
-    message = r"^ctx=1500 is too short for RULER's vt: its shortest prompt has (\d+) tokens and 1470 are left for it; use ctx>=(\d+)$"
+    message = r"^RULER's vt at ctx=1500 does not fit: its shortest prompt has (\d+) tokens and 1470 are left for it; use ctx>=(\d+)$"
     with pytest.raises(ValueError, match=message) as error:
         sample("vt", 1500, encode)
     shortest, suggested = map(int, re.match(message, str(error.value)).groups())
     assert suggested == shortest + 30 and len(sample("vt", suggested, encode).ids) == shortest
-    with pytest.raises(ValueError, match="fwe's vocabulary .* needs ctx>=250"):
+    with pytest.raises(ValueError, match=r"^RULER's fwe at ctx=240 does not fit: its vocabulary .* needs ctx>=250$"):
         sample("fwe", 240, encode)
+
+
+def test_cwe_beyond_the_word_lists_is_a_one_line_error():
+    def encode(text):  # a tokenizer of one token per character: 8169 words fill some 1.7 million tokens
+        return [0] * len(text)
+
+    message = r"^RULER's cwe at ctx=4000000 needs more haystack than there is: 8169 units fall short of 3999880 tokens$"
+    with pytest.raises(ValueError, match=message):
+        rd.build_prompt("cwe", 4_000_000, 0, 0, encode, raw)
 
 
 def test_vt_example_holds_the_most_noise_lines_within_500_tokens(monkeypatch):

@@ -565,11 +565,12 @@ def fit(
 
     n = smallest_reaching(lambda k: tokenized(k)[3], budget, smallest, largest)
     if n is None:
-        raise ValueError(f"{what}: its haystack runs out at {largest} units, short of {budget} tokens")
+        raise ValueError(f"{what} needs more haystack than there is: {largest} units fall short of {budget} tokens")
     draft, pieces, ids, total = tokenized(n)
     if n == smallest and total > budget:
         raise ValueError(
-            f"{what}: its shortest prompt has {total} tokens and {budget} are left for it; use ctx>={total + generated}"
+            f"{what} does not fit: its shortest prompt has {total} tokens and {budget} are left for it; "
+            f"use ctx>={total + generated}"
         )
     ids = [list(chunk) for chunk in ids]
     surplus, trimmed = total - budget, len(pieces)
@@ -581,7 +582,7 @@ def fit(
             ids[i] = ids[i][: len(ids[i]) - cut]
             surplus, trimmed = surplus - cut, i
     if surplus:
-        raise ValueError(f"{what}: {surplus} tokens too many are left after trimming the whole haystack")
+        raise ValueError(f"{what} does not fit: {surplus} tokens too many after trimming the whole haystack")
     lead = list(frame(len(draft.turns)).lead)
     shared = len(lead)
     for i, (piece, chunk) in enumerate(zip(pieces, ids, strict=True)):
@@ -619,7 +620,7 @@ def build_prompt(
     """Sample ``index`` of ``task`` at length ``ctx``: a prompt of exactly ``ctx - tokens_to_generate`` ids."""
     spec = TASKS[task]
     key = sample_seed(seed, ctx, task, index)
-    what = f"ctx={ctx} is too short for RULER's {task}"
+    what = f"RULER's {task} at ctx={ctx}"
     smallest, largest = 1, None
     if spec.family == "niah":
         if spec.haystack == "essay" and not sources.sentences:
@@ -640,7 +641,7 @@ def build_prompt(
         smallest, largest = CWE_COMMON, len(cwe_words())
     elif spec.family == "freq_words_extraction":
         if (ctx - spec.tokens_to_generate) // FWE_VOCAB_PER < 4:
-            raise ValueError(f"{what}: fwe's vocabulary of (ctx - 50) // 50 coded words needs ctx>=250")
+            raise ValueError(f"{what} does not fit: its vocabulary of (ctx - 50) // 50 coded words needs ctx>=250")
         build = functools.partial(fwe_draft, key, ctx=ctx)
     else:
         data = sources.qa[spec.dataset]

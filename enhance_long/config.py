@@ -172,11 +172,14 @@ def experiment_package(path: Path) -> str:
 
 
 def register_configs(experiments_dir: Path = EXPERIMENTS_DIR) -> None:
+    from enhance_long.tasks.ruler import RulerConfig  # a task's own schema lives with the task
+
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="rope", name="rope_schema", node=rope_schema())
     cs.store(group="task", name="perplexity_schema", node=PerplexityConfig)
     cs.store(group="task", name="passkey_schema", node=PasskeyConfig)
+    cs.store(group="task", name="ruler_schema", node=RulerConfig)
     for path in sorted(experiments_dir.glob("*.yaml")):
         cs.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package=experiment_package(path))
 

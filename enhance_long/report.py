@@ -27,6 +27,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from enhance_long.results import load_results, write_atomic
+from enhance_long.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,8 @@ def tables(rows: Sequence[dict]) -> str:
             from enhance_long.tasks.longbench import longbench_table
 
             parts.append(longbench_table([r for r in rows if r.get("task") == "longbench"]))
+        elif task == "ruler":
+            parts.append(get_task("ruler").table([r for r in rows if r.get("task") == "ruler"]))
         else:
             parts.append(f"### {task}\n\n{sum(r.get('task') == task for r in rows)} rows; see results.jsonl\n")
     return "\n".join(parts)
@@ -265,6 +268,8 @@ def write_report(rows: Sequence[dict], out_dir: Path, with_csv: bool = True) -> 
         path = plot(rows, out_dir / name)
         if path is not None:
             written.append(path)
+    if any(row.get("task") == "ruler" for row in rows):
+        written += get_task("ruler").plots([r for r in rows if r.get("task") == "ruler"], out_dir)
     return written
 
 

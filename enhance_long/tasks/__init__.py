@@ -15,6 +15,7 @@ TASK_MODULES = {
     "perplexity": "enhance_long.tasks.perplexity",
     "passkey": "enhance_long.tasks.passkey",
     "longbench": "enhance_long.tasks.longbench",
+    "ruler": "enhance_long.tasks.ruler",
 }
 
 

@@ -20,6 +20,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from enhance_long.tasks.harness import LmEvalConfig  # light: lm-eval itself is imported only when the task runs
+
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 ATTENTION_BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
 LOGGERS = ("none", "wandb")
@@ -177,6 +179,7 @@ def register_configs(experiments_dir: Path = EXPERIMENTS_DIR) -> None:
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="task", name="perplexity_schema", node=PerplexityConfig)
     cs.store(group="task", name="passkey_schema", node=PasskeyConfig)
+    cs.store(group="task", name="lm_eval_schema", node=LmEvalConfig)
     for path in sorted(experiments_dir.glob("*.yaml")):
         cs.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package=experiment_package(path))
 

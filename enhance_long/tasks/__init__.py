@@ -15,6 +15,7 @@ TASK_MODULES = {
     "perplexity": "enhance_long.tasks.perplexity",
     "passkey": "enhance_long.tasks.passkey",
     "longbench": "enhance_long.tasks.longbench",
+    "lm_eval": "enhance_long.tasks.harness",  # not tasks/lm_eval.py, which would shadow the lm_eval package
 }
 
 

@@ -6,6 +6,7 @@ tasks are local: YAMLs and a JSONL written here (a ``generate_until`` task score
 """
 
 import json
+import re
 from pathlib import Path
 
 import datasets.config
@@ -345,6 +346,45 @@ def test_a_hub_dataset_with_the_hub_offline_is_one_line(model, tokenizer, tasks_
         "enhance-long-tests/not-on-this-machine" in message and "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set" in message
     )
     assert "task.include_path" in message
+
+
+def test_a_harness_task_offline_is_refused_and_runs_from_a_local_copy(model, tokenizer, tmp_path):
+    """The README's recipe: a YAML that includes the harness's own and points it at local files, under its name."""
+    import lm_eval
+
+    builtin = Path(lm_eval.__file__).parent / "tasks" / "longbench" / "hotpotqa.yaml"
+    with pytest.raises(
+        RuntimeError, match=r"^lm-eval task longbench_hotpotqa needs the network .*Xnhyacinth/LongBench"
+    ):
+        measure(model, tokenizer, task_cfg(None, ["longbench_hotpotqa"], include_defaults=True), tmp_path)
+    copy = tmp_path / "local_tasks"
+    copy.mkdir()
+    records = [
+        {
+            "context": "Passage 1:\nFreedonia's capital is Zelbourne.",
+            "question": "Freedonia's capital?",
+            "answers": ["Zelbourne"],
+        },
+        {
+            "context": "Passage 1:\nThe river Ost flows north.",
+            "question": "Which way does the Ost flow?",
+            "answers": ["north"],
+        },
+    ]
+    (copy / "hotpotqa.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    local = {"test": str(copy / "hotpotqa.jsonl")}
+    yaml = f"include: {builtin}\ntask: longbench_hotpotqa\ndataset_path: json\ndataset_name: null\n"
+    (copy / "hotpotqa.yaml").write_text(
+        yaml + f"dataset_kwargs:\n  data_files: {json.dumps(local)}\n", encoding="utf-8"
+    )
+    cfg = task_cfg(copy, ["longbench_hotpotqa"], include_defaults=True)
+    rows = measure(model, tokenizer, cfg, tmp_path)
+    assert [(row["subtask"], row["metric"], row["samples"]) for row in rows] == [
+        ("longbench_hotpotqa", "score", 2),
+        ("longbench_hotpotqa", "qa_f1_score", 2),
+    ]
+    version = re.search(r"\n  version: ([\d.]+)", builtin.read_text()).group(1)
+    assert {row["task_version"] for row in rows} == {float(version)}  # the harness's task, its data local
 
 
 def test_network_failures_are_found_anywhere_in_the_chain():

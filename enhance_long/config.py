@@ -20,8 +20,6 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from enhance_long.tasks.harness import LmEvalConfig  # light: lm-eval itself is imported only when the task runs
-
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 ATTENTION_BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
 LOGGERS = ("none", "wandb")
@@ -175,6 +173,8 @@ def experiment_package(path: Path) -> str:
 
 
 def register_configs(experiments_dir: Path = EXPERIMENTS_DIR) -> None:
+    from enhance_long.tasks.harness import LmEvalConfig  # the task's own schema; lm-eval is imported only when it runs
+
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="task", name="perplexity_schema", node=PerplexityConfig)

@@ -30,8 +30,8 @@ What the harness would get silently wrong at long lengths, and what the bridge d
 * ``batch_size=auto`` probes from 64 sequences at full length: the schema takes a fixed integer (default 1).
 * RULER sizes its synthetic prompts with a tokenizer and lengths that only come through ``metadata``:
   ``max_seq_lengths`` defaults to ``[ctx]`` and ``tokenizer`` to a copy of the loaded model's tokenizer, unless
-  ``task.metadata`` sets them. RULER reports a metric per length and -1 for lengths it generated no samples for;
-  those -1 rows are dropped. BABILong reads ``max_seq_lengths`` as one of its dataset names (``4k``) and is refused
+  ``task.metadata`` sets them. RULER names its score after the length and reports -1 for its default 4096 when
+  it generated no samples of that length; those -1 rows are dropped. BABILong reads ``max_seq_lengths`` as one of its dataset names (``4k``) and is refused
   without one.
 * A dataset the hub must provide while it is offline (``HF_HUB_OFFLINE``) or unreachable fails deep in ``datasets``:
   here it is one line naming the task and the fix (a local copy through ``task.include_path``).

@@ -172,6 +172,7 @@ def experiment_package(path: Path) -> str:
 
 
 def register_configs(experiments_dir: Path = EXPERIMENTS_DIR) -> None:
+    from enhance_long.tasks.harness import LmEvalConfig  # the task's own schema; lm-eval is imported only when it runs
     from enhance_long.tasks.ruler import RulerConfig  # a task's own schema lives with the task
 
     cs = ConfigStore.instance()
@@ -180,6 +181,7 @@ def register_configs(experiments_dir: Path = EXPERIMENTS_DIR) -> None:
     cs.store(group="task", name="perplexity_schema", node=PerplexityConfig)
     cs.store(group="task", name="passkey_schema", node=PasskeyConfig)
     cs.store(group="task", name="ruler_schema", node=RulerConfig)
+    cs.store(group="task", name="lm_eval_schema", node=LmEvalConfig)
     for path in sorted(experiments_dir.glob("*.yaml")):
         cs.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package=experiment_package(path))
 

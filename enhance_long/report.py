@@ -132,6 +132,10 @@ def tables(rows: Sequence[dict]) -> str:
             parts.append(longbench_table([r for r in rows if r.get("task") == "longbench"]))
         elif task == "ruler":
             parts.append(get_task("ruler").table([r for r in rows if r.get("task") == "ruler"]))
+        elif task == "lm_eval" and importlib.util.find_spec("enhance_long.tasks.harness"):
+            from enhance_long.tasks.harness import harness_table
+
+            parts.append(harness_table([r for r in rows if r.get("task") == "lm_eval"]))
         else:
             parts.append(f"### {task}\n\n{sum(r.get('task') == task for r in rows)} rows; see results.jsonl\n")
     return "\n".join(parts)

@@ -16,6 +16,7 @@ TASK_MODULES = {
     "passkey": "enhance_long.tasks.passkey",
     "longbench": "enhance_long.tasks.longbench",
     "ruler": "enhance_long.tasks.ruler",
+    "lm_eval": "enhance_long.tasks.harness",  # not tasks/lm_eval.py, which would shadow the lm_eval package
 }
 
 

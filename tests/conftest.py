@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny random models of every supported family, built in code (no downloads)."""
+"""Shared fixtures and helpers: tiny random models of every supported family and a byte-level tokenizer, built in
+code (no downloads); logits and step-by-step decoding errors."""
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+from enhance_long.models import byte_tokenizer
 
 TRAIN_LEN = 32  # trained context of the tiny models; tests run to 3x this
 
@@ -42,3 +45,27 @@ def tiny_model(
 @pytest.fixture
 def ids():
     return torch.randint(0, 97, (1, 3 * TRAIN_LEN), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A byte-level tokenizer (one token per byte, BOS first): exact lengths are easy to reason about."""
+    return byte_tokenizer()
+
+
+@torch.no_grad()
+def logits(model, ids, **kwargs):
+    return model(ids, **kwargs).logits
+
+
+def step_by_step_errors(model, ids, prompt_len):
+    """Max |cached logits - full-forward logits| at each step of token-by-token decoding from a prompt."""
+    cache = DynamicCache(config=model.config)
+    errors = []
+    with torch.no_grad():
+        model(ids[:, :prompt_len], cache=cache, use_cache=True)
+        for t in range(prompt_len, ids.shape[1]):
+            step = model(ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1]
+            full = model(ids[:, : t + 1]).logits[:, -1]
+            errors.append((step - full).abs().max().item())
+    return errors

@@ -16,11 +16,6 @@ from enhance_long.models import byte_tokenizer
 BOS = 256
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return byte_tokenizer()
-
-
 @pytest.fixture
 def texts(tmp_path):
     folder = tmp_path / "texts"

@@ -19,7 +19,6 @@ from omegaconf import OmegaConf
 
 import enhance_long
 import enhance_long.models
-from enhance_long.models import byte_tokenizer
 from enhance_long.report import tables
 from enhance_long.results import RESULTS, read_rows
 from enhance_long.runner import run
@@ -121,11 +120,6 @@ def tasks_dir(tmp_path_factory) -> Path:
     for name, text in {"tiny_gen": GEN_YAML, "tiny_mc": MC_YAML, "tiny_group": GROUP_YAML}.items():
         (folder / f"{name}.yaml").write_text(text.format(data=data), encoding="utf-8")
     return folder
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return byte_tokenizer()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from enhance_long.config import PasskeyConfig
-from enhance_long.models import byte_tokenizer, load_model
+from enhance_long.models import load_model
 from enhance_long.tasks.base import TaskEnv
 from enhance_long.tasks.passkey import (
     FILLER,
@@ -22,11 +22,6 @@ from enhance_long.tasks.passkey import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return byte_tokenizer()
 
 
 @pytest.mark.parametrize("ctx", [300, 301, 517, 2048, 4096])

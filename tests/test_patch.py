@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FAMILIES, TRAIN_LEN, tiny_model
+from conftest import FAMILIES, TRAIN_LEN, logits, step_by_step_errors, tiny_model
 from transformers import DynamicCache
 
 import enhance_long
@@ -11,11 +11,6 @@ from enhance_long.methods import logn_scale
 T = TRAIN_LEN
 STOCK_INSIDE_T = ("none", "dynamic_ntk", "consistent_ntk")  # methods that promise the stock model up to T
 BACKENDS = ("eager", "sdpa", "flex_attention")
-
-
-@torch.no_grad()
-def logits(model, ids, **kwargs):
-    return model(ids, **kwargs).logits
 
 
 @pytest.mark.parametrize("rope", STOCK_INSIDE_T)
@@ -36,19 +31,6 @@ def test_dynamic_ntk_single_pass_equals_transformers_dynamic(family, ids):
     for n in (T + 1, 2 * T, 3 * T):
         torch.testing.assert_close(logits(model, ids[:, :n]), logits(reference, ids[:, :n]), rtol=0, atol=1e-5)
     assert not torch.allclose(logits(model, ids), logits(tiny_model(family), ids), atol=1e-3)
-
-
-def step_by_step_errors(model, ids, prompt_len):
-    """Max |cached logits - full-forward logits| at each step of token-by-token decoding from a prompt."""
-    cache = DynamicCache(config=model.config)
-    errors = []
-    with torch.no_grad():
-        model(ids[:, :prompt_len], cache=cache, use_cache=True)
-        for t in range(prompt_len, ids.shape[1]):
-            step = model(ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1]
-            full = model(ids[:, : t + 1]).logits[:, -1]
-            errors.append((step - full).abs().max().item())
-    return errors
 
 
 @pytest.mark.parametrize("logn", [True, False])

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TRAIN_LEN, tiny_model
-from test_patch import logits
+from conftest import TRAIN_LEN, logits, tiny_model
 
 import enhance_long
 import enhance_long.attention as attention

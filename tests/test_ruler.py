@@ -95,11 +95,6 @@ PATTERN = {"numbers": NUMBER, "uuids": UUID, "words": WORD}
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def encode(tokenizer):
     return rd.Encoder(tokenizer)
 

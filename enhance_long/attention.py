@@ -21,7 +21,7 @@ from transformers.models.llama import modeling_llama
 from enhance_long import consistent
 from enhance_long.consistent import RotatedKeys, TurnMemo, key_positions, turns
 from enhance_long.methods.pieces import causal_attention, fused
-from enhance_long.methods.relative import far_view_moves, two_view_attention, two_view_pieces
+from enhance_long.methods.relative import plan_pieces, two_view_attention, two_view_pieces
 from enhance_long.methods.rotation import as_pairs, turned, working_dtype
 from enhance_long.state import ForwardPlan, PatchState
 
@@ -48,8 +48,8 @@ def enhanced_attention(backend: str):
         plan = state.plan
         if plan.query_scale is not None:
             query = query * plan.query_scale.to(query.dtype)
-        if state.far_view is not None:
-            return _two_view(state, module, query, key, value, attention_mask, **kwargs)
+        if state.views is not None:
+            return _views(state, module, query, key, value, attention_mask, **kwargs)
         stock = _stock_attention(backend, module)
         if not plan.segments:
             return stock(module, query, key, value, attention_mask, **kwargs)
@@ -159,24 +159,22 @@ def _flex_group_mask(plan: ForwardPlan, block_mask, start, end, kv_end, query):
     return plan.remembered(("flex", start, kv_end), make)
 
 
-def _two_view(state: PatchState, module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """Self-Extend / ReRoPE attention: exact scores within the window, the far view beyond, one softmax."""
+def _views(state: PatchState, module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """The remapping methods' attention: each (query, key) pair scored in its view, one softmax
+    (``methods/relative.py``); plain attention while no pair is past the views' exact range."""
     plan = state.plan
-    window = state.settings.knobs["window"]
-    if plan.seq_len <= window:  # no key is farther than the window: the far view is never read
+    views = state.views
+    if plan.seq_len <= views.exact_below:
         return _stock_attention(state.backend, module)(
             module, query, key, value, attention_mask, scaling=scaling, **kwargs
         )
     scaling = _scaling(module, scaling)
+    inv_freq = plan.rope.inv_freq
     if _pieces_apply(state.backend, plan, module, query, key, attention_mask, kwargs):
         n, kv = query.shape[-2], key.shape[-2]
         work = working_dtype(query.dtype)
-        moves = plan.remembered(
-            ("far view", n, kv), lambda: far_view_moves(n, kv, state.far_view, plan.rope.inv_freq, work)
-        )
-        return two_view_pieces(
-            query, key, value, state.far_view, window, plan.rope.inv_freq, scaling, moves=moves
-        ), None
+        pieces = plan.remembered(("views", n, kv), lambda: plan_pieces(n, kv, views, inv_freq, work))
+        return two_view_pieces(query, key, value, views, inv_freq=inv_freq, scaling=scaling, plan=pieces), None
     q_len, kv_len = query.shape[-2], key.shape[-2]
     n_before = kv_len - q_len
     k_pos = key_positions(plan.positions, n_before)
@@ -193,16 +191,7 @@ def _two_view(state: PatchState, module, query, key, value, attention_mask, scal
         return attention_mask.mask_mod(batch, torch.zeros_like(batch), q_idx, index[None, None, None, :])
 
     output = two_view_attention(
-        query,
-        key,
-        value,
-        plan.positions,
-        k_pos,
-        state.far_view,
-        window,
-        plan.rope.inv_freq,
-        scaling,
-        allowed,
+        query, key, value, plan.positions, k_pos, views, inv_freq=inv_freq, scaling=scaling, allowed=allowed
     )
     return output, None
 

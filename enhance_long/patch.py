@@ -36,6 +36,7 @@ from enhance_long.methods.rotation import from_pairs
 from enhance_long.state import ForwardPlan, PatchState, Settings
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+NUMBERS = {2: "two", 3: "three"}
 __all__ = ["DEFAULT_ROPE", "METHODS", "SUPPORTED_MODEL_TYPES", "apply", "describe", "remove", "trained_length"]
 
 
@@ -65,7 +66,6 @@ def resolve(model, rope: str = DEFAULT_ROPE, logn: bool = True, train_len: int |
         raise ValueError(f"unknown rope method {rope!r}; choose one of {', '.join(CATALOG)}")
     method = CATALOG[rope]
     logn_len = knobs.pop("logn_len", None)
-    values = check_knobs(method, knobs)
 
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -84,19 +84,21 @@ def resolve(model, rope: str = DEFAULT_ROPE, logn: bool = True, train_len: int |
     for name, value in (("train_len", train_len), ("logn_len", logn_len)):
         if value is not None and not (isinstance(value, int) and value > 1):
             raise ValueError(f"{name}={value!r} is invalid; it must be an integer > 1 (or None for the model's own)")
+    train_len = train_len or trained_length(config)
+    values = check_knobs(method, knobs, train_len)
     backend = _stock_backend(config)
     check_backend(backend)
-    if method.far_view is not None and backend == "flash_attention_2":
+    if method.views is not None and backend == "flash_attention_2":
+        count = len(method.views(values).views)
         raise ValueError(
-            f"rope={rope!r} merges two position views before the softmax, which flash-attn cannot express; "
-            "use attention=sdpa, eager or flex_attention"
+            f"rope={rope!r} merges {NUMBERS.get(count, count)} position views before the softmax, which flash-attn "
+            "cannot express; use attention=sdpa, eager or flex_attention"
         )
     if method.consistent and rotary_dim(config) != _head_dim(config):
         raise ValueError(
             f"rope={rope!r} rotates whole heads, but this model rotates {rotary_dim(config)} of {_head_dim(config)} "
             "dimensions (partial_rotary_factor); use rope='dynamic_ntk' or a static method"
         )
-    train_len = train_len or trained_length(config)
     return Settings(method, values, bool(logn), train_len, logn_len or train_len)
 
 
@@ -127,6 +129,19 @@ class DynamicRotary(nn.Module):
         freqs = position_ids[..., None].float() * rope.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * rope.scale).to(x.dtype), (emb.sin() * rope.scale).to(x.dtype)
+
+
+class RemappedRotary(nn.Module):
+    """The stock rotary embedding at remapped positions (Dual Chunk Attention rotates at ``p mod s``): queries and
+    keys, so the cache stores keys at those positions, which never change."""
+
+    def __init__(self, stock: nn.Module, positions: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.stock = stock
+        self.positions = positions
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.stock(x, self.positions(position_ids))
 
 
 def _frequency_schedule(model, settings: Settings) -> Callable[[int, torch.device], Rope]:
@@ -171,10 +186,12 @@ def apply(model, rope: str = DEFAULT_ROPE, logn: bool = True, train_len: int | N
         stock_inv_freq=rotary.inv_freq.detach().clone(),
         stock_attention_scaling=rotary.attention_scaling,
         frequencies=frequencies,
-        far_view=method.far_view(settings.knobs) if method.far_view else None,
+        views=method.views(settings.knobs) if method.views else None,
     )
     if method.dynamic:
         owner.rotary_emb = DynamicRotary(rotary, state)
+    elif state.views is not None and state.views.rotary is not None:
+        owner.rotary_emb = RemappedRotary(rotary, state.views.rotary)
     elif method.frequencies is not CATALOG["none"].frequencies:
         fixed = frequencies(0, rotary.inv_freq.device)
         rotary.inv_freq.copy_(fixed.inv_freq)
@@ -241,12 +258,10 @@ def _make_pre_hook(state: PatchState):
         settings = state.settings
         positions = _positions(args, kwargs)
         seq_len = int(positions.max()) + 1
-        query_scale = None
-        if settings.logn and seq_len > settings.logn_len:
-            query_scale = logn_scale(positions, settings.logn_len)[:, None, :, None]
+        query_scale = _query_scale(settings, positions, seq_len)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         method = settings.method
-        if cache is not None and (method.consistent or method.far_view) and not isinstance(cache, DynamicCache):
+        if cache is not None and (method.consistent or method.views) and not isinstance(cache, DynamicCache):
             doing = "re-rotates" if method.consistent else "reads key positions from"
             raise ValueError(
                 f"rope={method.name!r} {doing} a DynamicCache, got {type(cache).__name__}; "
@@ -270,6 +285,19 @@ def _make_pre_hook(state: PatchState):
         return None
 
     return before_forward
+
+
+def _query_scale(settings: Settings, positions: torch.Tensor, seq_len: int) -> torch.Tensor | None:
+    """(rows, 1, q, 1) logit factors of this forward's queries: LogN times the method's own temperature, or None
+    when every factor is 1."""
+    scale = None
+    if settings.logn and seq_len > settings.logn_len:
+        scale = logn_scale(positions, settings.logn_len)
+    if settings.method.attention_scale is not None:
+        temperature = settings.method.attention_scale(settings.knobs, positions, settings.train_len)
+        if temperature is not None:
+            scale = temperature if scale is None else scale * temperature
+    return None if scale is None else scale[:, None, :, None]
 
 
 def _real_queries(kwargs, positions: torch.Tensor) -> torch.Tensor | None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from enhance_long.consistent import RotatedKeys, Segment
 from enhance_long.methods.catalog import Method, Rope
-from enhance_long.methods.relative import PositionMap
+from enhance_long.methods.relative import Views
 
 
 @dataclass
@@ -64,7 +64,7 @@ class PatchState:
     stock_inv_freq: torch.Tensor
     stock_attention_scaling: float
     frequencies: Callable[[int, torch.device], Rope]
-    far_view: PositionMap | None = None
+    views: Views | None = None  # the position views of a remapping method
     hook: Any = None
     plan: ForwardPlan | None = None
     rotated_keys: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)  # cache -> copies

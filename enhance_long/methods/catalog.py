@@ -23,7 +23,8 @@ import torch
 
 from enhance_long.methods.ntk import dynamic_ntk_base, ntk_base, rope_inv_freq
 from enhance_long.methods.relative import (
-    PositionMap,
+    Views,
+    beyond_window,
     leaky_rerope_positions,
     rerope_positions,
     self_extend_positions,
@@ -49,16 +50,26 @@ class Basis:
 
 
 @dataclass(frozen=True)
+class FromTrained:
+    """A default that follows the trained length: ``of(T, knobs)``, given the method's knobs resolved before this one;
+    ``text`` is how the methods table shows it ("3T/4")."""
+
+    text: str
+    of: Callable[[int, dict], Any]
+
+
+@dataclass(frozen=True)
 class Knob:
     """One setting of a method: its default, what it means, and the values it allows."""
 
     name: str
-    default: Any
+    default: Any  # None with ``derived``: the value follows the trained length (resolved by check_knobs)
     help: str  # what it means, in a few words (config comments, errors)
     integer: bool = False  # an int (else any real number)
     minimum: float = 0.0  # the smallest allowed value ...
     inclusive: bool = True  # ... allowed itself (False: values must lie above it)
     choices: tuple[str, ...] = ()  # a word from this list instead of a number
+    derived: FromTrained | None = None  # the default when ``default`` is None
 
     @property
     def requirement(self) -> str:
@@ -117,7 +128,9 @@ class Method:
     frequencies: Frequencies = _stock
     dynamic: bool = False  # the frequencies follow the current length (bucketed past train_len)
     consistent: bool = False  # ... per query, with cached keys re-rotated: cached generation == one forward
-    far_view: Callable[[dict], PositionMap] | None = None  # remaps positions beyond knobs["window"]
+    views: Callable[[dict], Views] | None = None  # scores each (query, key) pair in one of several position views
+    attention_scale: Callable[[dict, torch.Tensor, int], torch.Tensor | None] | None = None  # (knobs, positions, T)
+    # -> each query's logit factor (its attention temperature), None where all are 1
     does: str = ""  # what it does, in a phrase
     formula: str = ""
     reach: str = ""  # the length it is meant for, in terms of T and its knobs
@@ -156,8 +169,8 @@ def _bucket(default: int) -> Knob:
     )
 
 
-def _window(default: int) -> Knob:
-    return Knob("window", default, WINDOW_HELP, integer=True, minimum=1)
+def _window(default: int | None, derived: FromTrained | None = None) -> Knob:
+    return Knob("window", default, WINDOW_HELP, integer=True, minimum=1, derived=derived)
 
 
 def _yarn_betas_ordered(knobs: dict) -> str | None:
@@ -268,7 +281,7 @@ for _method in (
     Method(
         "self_extend",
         (Knob("group", 4, "keys merged per position", integer=True, minimum=1), _window(1024)),
-        far_view=lambda k: self_extend_positions(k["group"], k["window"]),
+        views=lambda k: beyond_window(k["window"], self_extend_positions(k["group"], k["window"])),
         does="Self-Extend (Jin et al. 2024): grouped attention",
         formula="rel = i-j if i-j < window, else (i//group + window - window//group) - j//group",
         reach="(T-window)·group + window",
@@ -276,7 +289,7 @@ for _method in (
     Method(
         "rerope",
         (_window(2048),),
-        far_view=lambda k: rerope_positions(k["window"]),
+        views=lambda k: beyond_window(k["window"], rerope_positions(k["window"])),
         does="ReRoPE (Su 2023)",
         formula="rel = min(i-j, window)",
         reach="any",
@@ -284,7 +297,7 @@ for _method in (
     Method(
         "leaky_rerope",
         (_window(2048), Knob("leak", 16.0, "slope 1/leak beyond the window", minimum=1.0)),
-        far_view=lambda k: leaky_rerope_positions(k["window"], k["leak"]),
+        views=lambda k: beyond_window(k["window"], leaky_rerope_positions(k["window"], k["leak"])),
         does="leaky ReRoPE",
         formula="rel = i-j if i-j < window, else window + (i-j-window)/leak",
         reach="window + (T-window)·leak",
@@ -320,17 +333,23 @@ def knob_specs() -> dict[str, Knob]:
     return specs
 
 
-def check_knobs(method: Method, knobs: dict[str, Any]) -> dict[str, Any]:
-    """``method``'s knobs with defaults filled in, checked; a bad value is a one-line ``ValueError``."""
+def check_knobs(method: Method, knobs: dict[str, Any], train_len: int) -> dict[str, Any]:
+    """``method``'s knobs with defaults filled in (those derived from the trained length ``train_len`` too), checked;
+    a bad value is a one-line ``ValueError``."""
     unknown = sorted(set(knobs) - {knob.name for knob in method.knobs})
     if unknown:
         takes = ", ".join(knob.name for knob in method.knobs) or "no knobs"
         raise ValueError(f"rope={method.name!r} does not take {', '.join(unknown)}; it takes {takes}")
     values = {**method.defaults, **{k: v for k, v in knobs.items() if v is not None}}
     for knob in method.knobs:
+        derived = values[knob.name] is None and knob.derived is not None
+        if derived:
+            values[knob.name] = knob.derived.of(train_len, values)
         if not knob.valid(values[knob.name]):
+            origin = f" (its default {knob.derived.text} at train_len={train_len}; set it)" if derived else ""
             raise ValueError(
-                f"{knob.name}={values[knob.name]!r} is invalid for rope={method.name!r}; it must be {knob.requirement}"
+                f"{knob.name}={values[knob.name]!r}{origin} is invalid for rope={method.name!r}; "
+                f"it must be {knob.requirement}"
             )
     for check in method.checks:
         problem = check(values)
@@ -346,10 +365,13 @@ def methods_table() -> str:
         "|---|---|---|---|---|",
     ]
     for method in CATALOG.values():
-        knobs = ", ".join(f"`{k.name}` ({_shown(k.default)})" for k in method.knobs) or "--"
+        knobs = ", ".join(f"`{k.name}` ({_shown(k)})" for k in method.knobs) or "--"
         lines.append(f"| `{method.name}` | {method.does} | {method.formula} | {knobs} | {method.reach} |")
     return "\n".join(lines) + "\n"
 
 
-def _shown(value: Any) -> str:
+def _shown(knob: Knob) -> str:
+    value = knob.default
+    if value is None and knob.derived is not None:
+        return knob.derived.text
     return f"{value:g}" if isinstance(value, int | float) else str(value)

@@ -1,50 +1,95 @@
-"""Methods that remap relative positions beyond a window: Self-Extend, ReRoPE and leaky ReRoPE.
+"""Methods that score (query, key) pairs at remapped positions: Self-Extend, ReRoPE and leaky ReRoPE.
 
-Each keeps exact positions for keys within ``window`` tokens of the query and gives farther keys a second,
-"far" view: the query at position ``qf(i)`` and the key at ``kf(j)``, so their relative position is
-``qf(i) - kf(j)``. Both views' scores are merged before one softmax:
+Each method is a set of *views*. A view owns a region of the causal pairs -- for a query at position ``i``, the keys
+at positions ``lo(i) <= j < hi(i)`` -- and scores them with the query rotated at ``qv(i)`` and the key at ``kv(j)``,
+so their relative position is ``qv(i) - kv(j)``. Regions never overlap; pairs that no view owns are not attended.
+All views share one softmax:
 
-    score(i, j) = q_i . k_j                    if i - j < window   (exact RoPE)
-                = q_i@qf(i) . k_j@kf(j)        otherwise           (far view)
+    score(i, j) = q_i@qv(i) . k_j@kv(j)     for the view whose region holds (i, j); no view: masked
 
-* Self-Extend (Jin et al. 2024, "LLM Maybe LongLM"): ``qf(i) = i // G + W - W // G``, ``kf(j) = j // G``:
-  far keys are grouped G at a time and the query is shifted so both views meet at the window's edge.
-* ReRoPE (Su 2023): ``qf(i) = w``, ``kf(j) = 0``: every far key sits at relative position exactly w.
-* Leaky ReRoPE: ``qf(i) = w + (i - w) / k``, ``kf(j) = j / k``: far relative positions grow with slope 1/k,
-  ``w + (i - j - w) / k``, so they stay inside the trained range for k >= (L - w) / (T - w).
+Positions are true token positions (0-based). ``qv``/``kv`` default to the positions the rotary embedding rotated
+at (the true ones unless the views say otherwise). The maps:
+
+* Self-Extend (Jin et al. 2024, "LLM Maybe LongLM"): exact within ``W``; beyond it ``qv(i) = i // G + W - W // G``,
+  ``kv(j) = j // G``: far keys grouped G at a time, the query shifted so both views meet at the window's edge.
+* ReRoPE (Su 2023): exact within ``w``; beyond it ``qv(i) = w``, ``kv(j) = 0``: every far key at distance w.
+* Leaky ReRoPE: beyond ``w``, ``qv(i) = w + (i - w) / k``, ``kv(j) = j / k``: far distances ``w + (i - j - w) / k``.
+
+:func:`two_view_attention` computes any method from masked score blocks (any mask, padding, positions);
+:func:`two_view_pieces` assembles the common case -- causal, no padding, contiguous positions -- from fused kernel
+calls merged by log-sum-exp (``pieces.py``), without building a mask or a score matrix.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from enhance_long.methods.pieces import Merged, attend, fused
 from enhance_long.methods.rotation import rotated, working_dtype
 
-PositionMap = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+PositionFn = Callable[[torch.Tensor], torch.Tensor]  # positions -> positions (a view's rotation, a region's bound)
 
 
-def self_extend_positions(group: int, window: int) -> PositionMap:
-    def far(q_pos: torch.Tensor, k_pos: torch.Tensor):
-        return q_pos // group + (window - window // group), k_pos // group
+class Remap(NamedTuple):
+    """Where a view rotates queries and keys, as functions of their true positions; None keeps the rotary's."""
 
-    return far
-
-
-def rerope_positions(window: int) -> PositionMap:
-    def far(q_pos: torch.Tensor, k_pos: torch.Tensor):
-        return torch.full_like(q_pos, window), torch.zeros_like(k_pos)
-
-    return far
+    query: PositionFn | None = None
+    key: PositionFn | None = None
 
 
-def leaky_rerope_positions(window: int, leak: float) -> PositionMap:
-    def far(q_pos: torch.Tensor, k_pos: torch.Tensor):
-        return window + (q_pos.double() - window) / leak, k_pos.double() / leak
+class View(NamedTuple):
+    """The keys ``lo(i) <= j < hi(i)`` of the query at position ``i`` (``hi(i) <= i + 1``), scored at ``remap``.
 
-    return far
+    ``lo`` and ``hi`` take a tensor of query positions and return key positions, unclipped (below 0 means none);
+    within runs of queries each must be constant or grow by one per position (what :func:`plan_pieces` cuts at)."""
+
+    lo: PositionFn
+    hi: PositionFn
+    remap: Remap = Remap()
+
+
+class Views(NamedTuple):
+    """A method's views (their regions cover each query's own key once), and what plain attention stands for."""
+
+    views: tuple[View, ...]
+    exact_below: int  # a forward whose positions are all below this scores every pair exactly: plain attention
+    rotary: PositionFn | None = None  # positions the rotary embedding rotates at; None: the true positions
+
+
+def _zero(i: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(i)
+
+
+def within(window: int) -> View:
+    """The exact view of the keys less than ``window`` tokens back (the query's own key included)."""
+    return View(lambda i: i - window + 1, lambda i: i + 1)
+
+
+def beyond(window: int, remap: Remap, keys_below: int | None = None) -> View:
+    """The keys ``window`` or more tokens back (only those at positions below ``keys_below``, if given), at ``remap``."""
+    if keys_below is None:
+        return View(_zero, lambda i: i - window + 1, remap)
+    return View(_zero, lambda i: torch.clamp(i - window + 1, max=keys_below), remap)
+
+
+def beyond_window(window: int, far: Remap) -> Views:
+    """Exact positions within ``window``, ``far`` beyond it (Self-Extend, ReRoPE, leaky ReRoPE)."""
+    return Views((within(window), beyond(window, far)), exact_below=window)
+
+
+def self_extend_positions(group: int, window: int) -> Remap:
+    return Remap(lambda q: q // group + (window - window // group), lambda k: k // group)
+
+
+def rerope_positions(window: int) -> Remap:
+    return Remap(lambda q: torch.full_like(q, window), torch.zeros_like)
+
+
+def leaky_rerope_positions(window: int, leak: float) -> Remap:
+    return Remap(lambda q: window + (q.double() - window) / leak, lambda k: k.double() / leak)
 
 
 def position_move(from_pos: torch.Tensor, to_pos: torch.Tensor, inv_freq: torch.Tensor, dtype=torch.float32):
@@ -60,13 +105,13 @@ def move_positions(x: torch.Tensor, from_pos: torch.Tensor, to_pos: torch.Tensor
     return rotated(x, *position_move(from_pos, to_pos, inv_freq, working_dtype(x.dtype)))
 
 
-def far_view_moves(n: int, kv: int, far_positions: PositionMap, inv_freq: torch.Tensor, dtype=torch.float32):
-    """The (query, key) :func:`position_move` pairs into the far view when ``n`` queries end a run of ``kv``
-    contiguous positions from 0: what :func:`two_view_pieces` applies, the same in every layer of a forward."""
-    q_pos = torch.arange(kv - n, kv, device=inv_freq.device)[None]
-    k_pos = torch.arange(kv, device=inv_freq.device)[None]
-    q_far_pos, k_far_pos = far_positions(q_pos, k_pos)
-    return position_move(q_pos, q_far_pos, inv_freq, dtype), position_move(k_pos, k_far_pos, inv_freq, dtype)
+def _as_views(views: Views | Remap, window: int | None) -> Views:
+    """The methods' views; or, Self-Extend's and ReRoPE's original form, the far view's ``Remap`` beyond ``window``."""
+    return views if window is None else beyond_window(window, views)
+
+
+def _rotary_positions(views: Views, pos: torch.Tensor) -> torch.Tensor:
+    return pos if views.rotary is None else views.rotary(pos)
 
 
 def two_view_attention(
@@ -75,101 +120,225 @@ def two_view_attention(
     value: torch.Tensor,
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,
-    far_positions: PositionMap,
-    window: int,
-    inv_freq: torch.Tensor,
-    scaling: float,
-    allowed: Callable[[int, int], torch.Tensor],
+    views: Views | Remap,
+    window: int | None = None,
+    inv_freq: torch.Tensor | None = None,
+    scaling: float = 1.0,
+    allowed: Callable[[int, int], torch.Tensor] | None = None,
     max_block_elements: int = 1 << 25,
 ) -> torch.Tensor:
-    """Attention whose scores come from the exact view within ``window`` and the far view beyond it.
+    """Attention whose scores come from each pair's view (named for Self-Extend's two; any number of views).
 
-    ``query`` (batch, heads, q, dim) and ``key``/``value`` (batch, kv_heads, kv, dim) are rotated at their exact
-    positions ``q_pos`` (batch or 1, q) and ``k_pos`` (batch or 1, kv). ``allowed(start, end)`` gives the
+    ``query`` (batch, heads, q, dim) and ``key``/``value`` (batch, kv_heads, kv, dim) are rotated at the rotary
+    positions of ``q_pos`` (batch or 1, q) and ``k_pos`` (batch or 1, kv). ``allowed(start, end)`` gives the
     boolean mask (batch or 1, 1, end - start, kv) of the keys queries start..end-1 may see (causal, padding).
     Queries are processed in blocks so at most ``max_block_elements`` scores exist at once: memory grows with
     the number of keys, never with keys x queries. Returns (batch, q, heads, dim), as transformers' backends do.
     """
-    q_far_pos, k_far_pos = far_positions(q_pos, k_pos)
-    query_far = move_positions(query, q_pos, q_far_pos, inv_freq)
-    key_far = move_positions(key, k_pos, k_far_pos, inv_freq)
+    views = _as_views(views, window)
+    q_from, k_from = _rotary_positions(views, q_pos), _rotary_positions(views, k_pos)
     groups = query.shape[1] // key.shape[1]
-    key, key_far, value = (t.repeat_interleave(groups, dim=1) for t in (key, key_far, value))
+    scored = []
+    for view in views.views:
+        q = query if view.remap.query is None else move_positions(query, q_from, view.remap.query(q_pos), inv_freq)
+        k = key if view.remap.key is None else move_positions(key, k_from, view.remap.key(k_pos), inv_freq)
+        scored.append((q, k.repeat_interleave(groups, dim=1), view.lo(q_pos), view.hi(q_pos)))
+    value = value.repeat_interleave(groups, dim=1)
     batch, heads, q_len, _ = query.shape
     block = max(1, max_block_elements // max(1, batch * heads * key.shape[-2]))
+    keys_at = k_pos[:, None, :]
     outputs = []
     for start in range(0, q_len, block):
         end = min(start + block, q_len)
-        near = torch.matmul(query[:, :, start:end], key.transpose(-1, -2))
-        far = torch.matmul(query_far[:, :, start:end], key_far.transpose(-1, -2))
-        distance = q_pos[:, start:end, None] - k_pos[:, None, :]
-        scores = torch.where((distance < window)[:, None], near, far).to(working_dtype(query.dtype)) * scaling
-        scores = scores.masked_fill(~allowed(start, end), float("-inf"))
+        scores = covered = None
+        for q, k, lo, hi in reversed(scored):  # the first view's scores end on top
+            view_scores = torch.matmul(q[:, :, start:end], k.transpose(-1, -2))
+            owned = (lo[:, start:end, None] <= keys_at) & (keys_at < hi[:, start:end, None])
+            if scores is None:
+                scores, covered = view_scores, owned
+            else:
+                scores, covered = torch.where(owned[:, None], view_scores, scores), covered | owned
+        scores = scores.to(working_dtype(query.dtype)) * scaling
+        scores = scores.masked_fill(~(allowed(start, end) & covered[:, None]), float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(value.dtype)
         outputs.append(torch.matmul(weights, value))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
+
+
+FULL, CAUSAL, FLIPPED = "full", "causal", "flipped"
+
+
+class Piece(NamedTuple):
+    """One kernel call of a block: view ``view``'s queries ``rows`` (of the block) over key slots ``keys``; ``kind``:
+    every row sees every key (full), row t sees keys up to t (causal, top-left), or the same with rows and keys
+    reversed (flipped: row t sees keys from t on, right-aligned)."""
+
+    view: int
+    kind: str
+    rows: tuple[int, int]
+    keys: tuple[int, int]
+
+
+class PiecePlan(NamedTuple):
+    """What :func:`two_view_pieces` runs for ``n`` queries ending ``kv`` contiguous positions from 0; the same in
+    every layer of a forward. ``query_moves[v]``: cos/sin into view v's query positions (None: unmoved);
+    ``key_moves[v]``: (first slot, cos, sin) into its key positions, over the slots it reads (None: unmoved)."""
+
+    blocks: list[tuple[int, int, list[Piece]]]
+    query_moves: list[tuple[torch.Tensor, torch.Tensor] | None]
+    key_moves: list[tuple[int, torch.Tensor, torch.Tensor] | None]
+
+
+def _slope(seq: list[int], s: int, e: int) -> int:
+    return seq[s + 1] - seq[s] if e - s > 1 else 0
+
+
+def _cuts(bounds: list[torch.Tensor], n: int) -> list[int]:
+    """Rows where some bound stops being constant or stops growing by one per row (a chunk edge, a window reached)."""
+    cuts = {0, n}
+    for seq in bounds:
+        step = torch.diff(seq)
+        jumps = ((step != 0) & (step != 1)).nonzero().flatten() + 1
+        turns = (step[1:] != step[:-1]).nonzero().flatten() + 1
+        cuts.update(jumps.tolist(), turns.tolist())
+    return sorted(cuts)
+
+
+def _view_pieces(v: int, lo0: int, lo_slope: int, hi0: int, hi_slope: int, n: int, own: bool):
+    """The pieces of view ``v`` over ``n`` rows whose bounds are ``lo0 + lo_slope * t`` and ``hi0 + hi_slope * t``
+    (at most as many rows as the band is wide when both grow): (middle, upper ramp, lower ramp), each a Piece or
+    None; for the view holding each row's own key (``own``) the upper ramp is the causal square of those keys.
+
+        keys [L, top)                        every row (L: the largest lower bound, top: the smallest upper one)
+        keys [hi0, hi0 + n - 1)              row t reads those below hi0 + t: causal once rows start at ``first``
+        keys [lo0, lo0 + n - 1)              row t reads those from lo0 + t on: causal once reversed
+    """
+    low = max(lo0 + lo_slope * (n - 1), 0)
+    upper = lower = None
+    if own:  # hi = i + 1: the square of the rows' own keys, every row reading itself first
+        top = hi0 - 1
+        upper = Piece(v, CAUSAL, (0, n), (top, top + n))
+    else:
+        top = hi0
+        k0, k1 = max(low, hi0), hi0 + n - 1
+        if hi_slope and k1 > k0:
+            upper = Piece(v, CAUSAL, (k0 - hi0 + 1, n), (k0, k1))
+    middle = Piece(v, FULL, (0, n), (low, top)) if top > low else None
+    k0, k1 = max(lo0, 0), lo0 + n - 1
+    if lo_slope and k1 > k0:
+        lower = Piece(v, FLIPPED, (0, n - 1), (k0, k1))
+    return middle, upper, lower
+
+
+def plan_pieces(n: int, kv: int, views: Views, inv_freq: torch.Tensor, dtype=torch.float32, block: int = 256):
+    """The :class:`PiecePlan` of ``n`` queries at positions ``kv - n .. kv - 1`` over keys ``0 .. kv - 1``.
+
+    Rows are cut where a view's bounds change form (a chunk edge, a capped region filling up) and into blocks of at
+    most ``block`` rows and at most the width of any band whose both bounds grow, so each view's keys in a block are
+    one unmasked call, one causal square at the top (which for the view holding each query's own key also gives
+    every row a key, so it goes first) and one reversed causal square at the bottom: no call needs a mask. The CPU
+    kernel computes every score of a causal square up to 512 keys wide (its key tile) and masks half, so smaller
+    blocks waste less, while the unmasked calls want enough rows for the kernel's largest query tiles (256 rows per
+    key head from 768 stacked rows on, see :func:`attend`); of 128, 256 and 512 rows, 256 ran fastest at 4k and 8k.
+    """
+    device = inv_freq.device
+    p0 = kv - n
+    q_pos = torch.arange(p0, kv, device=device)
+    bounds = [(view.lo(q_pos), view.hi(q_pos)) for view in views.views]
+    cuts = _cuts([b for pair in bounds for b in pair], n)
+    lists = [(lo.tolist(), hi.tolist()) for lo, hi in bounds]
+    blocks = []
+    for c0, c1 in zip(cuts[:-1], cuts[1:], strict=True):
+        s = c0
+        while s < c1:
+            width = [hi[s] - lo[s] for lo, hi in lists if _slope(lo, c0, c1) and hi[s] > lo[s]]
+            e = min(c1, s + max(1, min([block, *width])))
+            blocks.append((s, e, _block_pieces(lists, s, e, p0)))
+            s = e
+    extents = [[kv, 0] for _ in views.views]
+    for _, _, pieces in blocks:
+        for piece in pieces:
+            extent = extents[piece.view]
+            extent[0], extent[1] = min(extent[0], piece.keys[0]), max(extent[1], piece.keys[1])
+    q_from = _rotary_positions(views, q_pos)[None]
+    query_moves, key_moves = [], []
+    for view, (k0, k1) in zip(views.views, extents, strict=True):
+        remap = view.remap
+        query_moves.append(
+            None if remap.query is None else position_move(q_from, remap.query(q_pos[None]), inv_freq, dtype)
+        )
+        if remap.key is None or k1 <= k0:
+            key_moves.append(None)
+            continue
+        k_pos = torch.arange(k0, k1, device=device)[None]
+        key_moves.append((k0, *position_move(_rotary_positions(views, k_pos), remap.key(k_pos), inv_freq, dtype)))
+    return PiecePlan(blocks, query_moves, key_moves)
+
+
+def _block_pieces(lists, s: int, e: int, p0: int) -> list[Piece]:
+    """The pieces of rows ``s .. e-1``, merged in this order: the own view's square, then every view's unmasked
+    keys, upper ramps and lower ramps (each in view order)."""
+    n = e - s
+    parts = []
+    for v, (lo, hi) in enumerate(lists):
+        own = hi[s] == p0 + s + 1 and (n == 1 or _slope(hi, s, e) == 1)
+        parts.append((own, _view_pieces(v, lo[s], _slope(lo, s, e), hi[s], _slope(hi, s, e), n, own)))
+    owners = [v for v, (own, _) in enumerate(parts) if own]
+    if not owners:
+        raise ValueError("no view holds the queries' own keys; every method needs one whose hi(i) is i + 1")
+    first = parts[owners[0]][1][1]
+    middles = [p[0] for _, p in parts]
+    uppers = [p[1] for v, (_, p) in enumerate(parts) if v != owners[0]]
+    lowers = [p[2] for _, p in parts]
+    return [first, *(p for p in (*middles, *uppers, *lowers) if p is not None)]
 
 
 def two_view_pieces(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    far_positions: PositionMap,
-    window: int,
-    inv_freq: torch.Tensor,
-    scaling: float,
+    views: Views | Remap,
+    window: int | None = None,
+    inv_freq: torch.Tensor | None = None,
+    scaling: float = 1.0,
     block: int = 256,
-    moves: tuple | None = None,
+    plan: PiecePlan | None = None,
 ) -> torch.Tensor:
     """:func:`two_view_attention` for the common case, causal with no padding: query row r at position
-    ``p0 + r`` and key slot j at position j (``p0 = kv - q``), built from kernel calls merged by log-sum-exp.
+    ``kv - q + r`` and key slot j at position j, from kernel calls merged by log-sum-exp (:func:`plan_pieces`).
 
-    Queries go in blocks of ``L = min(block, window)`` rows; a block at positions [a, b) reads keys
-
-        [0, a-W+1)          far view, every query                     one unmasked call
-        [a-W+1, b-W)        far for j <= P-W (a causal square once the first row is dropped),
-                            near for the rest (a causal square once rows and keys are reversed)
-        [b-W, a)            near view, every query                    one unmasked call
-        [a, b)              near view, causal                         one causal square
-
-    (ranges clipped at 0), so no call needs a mask. The CPU kernel computes every score of a causal square up to
-    512 keys wide (its key tile) and masks half, so the three squares cost about ``1.5 * L`` wasted scores per
-    row: smaller blocks waste less, while the unmasked calls want enough rows for the kernel's largest query
-    tiles (256 rows per key head from 768 stacked rows on, see :func:`attend`). Of 128, 256 and 512 rows, 256
-    ran fastest at 4k and 8k tokens. ``moves``: :func:`far_view_moves` of this shape, when the caller keeps them
-    across layers.
+    ``plan``: :func:`plan_pieces` of this shape, when the caller keeps it across layers. Returns (batch, q, heads,
+    dim) in ``value``'s dtype.
     """
+    views = _as_views(views, window)
     heads, n, kv = query.shape[1], query.shape[-2], key.shape[-2]
-    p0 = kv - n
-    to_query, to_key = moves or far_view_moves(n, kv, far_positions, inv_freq, working_dtype(query.dtype))
-    query_far, key_far = rotated(query, *to_query), rotated(key, *to_key)
+    plan = plan or plan_pieces(n, kv, views, inv_freq, working_dtype(query.dtype), block)
+    queries = [query if move is None else rotated(query, *move) for move in plan.query_moves]
+    keys = [(0, key) if move is None else (move[0], _rotated_keys(key, *move)) for move in plan.key_moves]
     if key.shape[1] != heads and not fused(query):  # once per layer rather than once per call
-        key, key_far, value = (t.repeat_interleave(heads // key.shape[1], dim=1) for t in (key, key_far, value))
+        groups = heads // key.shape[1]
+        keys = [(start, k.repeat_interleave(groups, dim=1)) for start, k in keys]
+        value = value.repeat_interleave(groups, dim=1)
     output = query.new_empty(query.shape[0], n, heads, value.shape[-1], dtype=working_dtype(query.dtype))
-    step = max(1, min(block, window))
-    for s in range(0, n, step):
-        e = min(s + step, n)
-        a, b = p0 + s, p0 + e
-        lo, hi = max(0, a - window + 1), max(0, b - window)  # the mixed strip [lo, hi)
-        near, far = query[:, :, s:e], query_far[:, :, s:e]
-        merged = Merged(
-            attend(near, key[:, :, a:b], value[:, :, a:b], scaling, causal=True), output[:, s:e].transpose(1, 2)
-        )
-        if a > hi:
-            merged.add(attend(near, key[:, :, hi:a], value[:, :, hi:a], scaling))
-        if lo > 0:
-            merged.add(attend(far, key_far[:, :, :lo], value[:, :, :lo], scaling))
-        if hi > lo:
-            # far: position P reads strip keys j <= P - W, i.e. rows from max(a, lo + W) on, key t <= row t
-            first = max(a, lo + window) - a
-            merged.add(
-                attend(far[:, :, first:], key_far[:, :, lo:hi], value[:, :, lo:hi], scaling, True), slice(first, None)
-            )
-            # near: rows a .. b-2 read strip keys j > P - W; reversed, row t reads keys t' <= t
-            rows = e - s - 1
-            reversed_output, lse = attend(
-                near[:, :, :rows].flip(2), key[:, :, lo:hi].flip(2), value[:, :, lo:hi].flip(2), scaling, True
-            )
-            merged.add((reversed_output.flip(2), lse.flip(2)), slice(0, rows))
+    for s, e, pieces in plan.blocks:
+        first, *rest = (_attend_piece(piece, s, queries, keys, value, scaling) for piece in pieces)
+        merged = Merged(first, output[:, s:e].transpose(1, 2))
+        for piece, result in zip(pieces[1:], rest, strict=True):
+            merged.add(result, slice(*piece.rows))
         merged.merge()
     return output.to(value.dtype)
+
+
+def _rotated_keys(key: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return rotated(key[:, :, start : start + cos.shape[1]], cos, sin)
+
+
+def _attend_piece(piece: Piece, s: int, queries, keys, value, scaling: float):
+    (r0, r1), (k0, k1) = piece.rows, piece.keys
+    q = queries[piece.view][:, :, s + r0 : s + r1]
+    start, k = keys[piece.view]
+    k, v = k[:, :, k0 - start : k1 - start], value[:, :, k0:k1]
+    if piece.kind == FLIPPED:
+        output, lse = attend(q.flip(2), k.flip(2), v.flip(2), scaling, True)
+        return output.flip(2), lse.flip(2)
+    return attend(q, k, v, scaling, piece.kind == CAUSAL)

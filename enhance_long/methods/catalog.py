@@ -15,6 +15,7 @@ in defaults from it, the config schema lists its knobs, and the README's methods
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -25,10 +26,15 @@ from enhance_long.methods.ntk import dynamic_ntk_base, ntk_base, rope_inv_freq
 from enhance_long.methods.relative import (
     Views,
     beyond_window,
+    dual_chunk_views,
+    lambda_views,
     leaky_rerope_positions,
     rerope_positions,
     self_extend_positions,
+    sink_views,
+    string_views,
 )
+from enhance_long.methods.temperature import chunk_attention_scale, constant_attention_scale
 from enhance_long.methods.yarn import yarn_frequencies
 
 
@@ -173,6 +179,61 @@ def _window(default: int | None, derived: FromTrained | None = None) -> Knob:
     return Knob("window", default, WINDOW_HELP, integer=True, minimum=1, derived=derived)
 
 
+def _below(small: str, large: str, why: str) -> Callable[[dict], str | None]:
+    """A check that knob ``small`` lies below knob ``large``."""
+
+    def check(knobs: dict) -> str | None:
+        if knobs[small] >= knobs[large]:
+            return f"{small}={knobs[small]!r} must be below {large}={knobs[large]!r} ({why})"
+        return None
+
+    return check
+
+
+DUAL_CHUNK_KNOBS = (
+    Knob(
+        "chunk_size",
+        None,
+        "DCA: the largest relative position; chunks are chunk_size - local_window tokens",
+        integer=True,
+        minimum=2,
+        derived=FromTrained("3T/4", lambda t, k: t * 3 // 4),
+    ),
+    Knob(
+        "local_window",
+        None,
+        "DCA: the first local_window queries of a chunk read the previous chunk at exact distances",
+        integer=True,
+        minimum=1,
+        derived=FromTrained("T/8", lambda t, k: max(1, t // 8)),
+    ),
+    Knob("mscale", 0.05, "DCA: logits x (1 + mscale ln(L/T))^2 past T; 0.1 as its flash variant and vLLM, 0 off"),
+)
+STRING_KNOBS = (
+    Knob(
+        "shifted_offset",
+        None,
+        "STRING: distances from shifted_offset on are shifted back to start at local_value",
+        integer=True,
+        minimum=1,
+        derived=FromTrained("int(0.33T)", lambda t, k: max(1, int(0.33 * t))),
+    ),
+    Knob(
+        "local_value",
+        None,
+        "STRING: the distance the shifted keys start at",
+        integer=True,
+        derived=FromTrained("128, at most shifted_offset/2", lambda t, k: min(128, k["shifted_offset"] // 2)),
+    ),
+    Knob(
+        "attention_factor",
+        1 + 0.1 * math.log(2),
+        "STRING: queries and keys x it, logits x its square; 1 off",
+        inclusive=False,
+    ),
+)
+
+
 def _yarn_betas_ordered(knobs: dict) -> str | None:
     if knobs["beta_fast"] <= knobs["beta_slow"]:
         return (
@@ -301,6 +362,52 @@ for _method in (
         does="leaky ReRoPE",
         formula="rel = i-j if i-j < window, else window + (i-j-window)/leak",
         reach="window + (T-window)·leak",
+    ),
+    Method(
+        "dual_chunk",
+        DUAL_CHUNK_KNOBS,
+        views=lambda k: dual_chunk_views(k["chunk_size"], k["local_window"]),
+        attention_scale=lambda k, positions, t: chunk_attention_scale(positions, t, k["mscale"]),
+        does="Dual Chunk Attention (ChunkLlama, An et al. 2024): intra-, successive- and inter-chunk positions in "
+        "one softmax",
+        formula="s = chunk_size - local_window; rel = i-j in j's chunk (i//s = j//s), min(i-j, chunk_size - j%s) in "
+        "the previous one, min(2s-1, chunk_size) - j%s before it; logits × (1 + mscale·ln((i+1)/T))² for i+1 > T",
+        reach="any (every rel <= chunk_size)",
+        checks=(_below("local_window", "chunk_size", "the chunk period is chunk_size - local_window"),),
+    ),
+    Method(
+        "string",
+        STRING_KNOBS,
+        views=lambda k: string_views(k["shifted_offset"], k["local_value"]),
+        attention_scale=lambda k, positions, t: constant_attention_scale(positions, k["attention_factor"]),
+        does="STRING (An et al. 2024): shifts the well-trained small distances over the rarely trained large ones",
+        formula="rel = i-j if i-j < shifted_offset, else i-j - shifted_offset + local_value; logits × "
+        "attention_factor²",
+        reach="T, used better; rel < T up to T + shifted_offset - local_value",
+        checks=(_below("local_value", "shifted_offset", "shifted distances must land below where they came from"),),
+    ),
+    Method(
+        "lm_infinite",
+        (
+            _window(None, FromTrained("T", lambda t, k: t)),
+            Knob("n_global", 10, "LM-Infinite: the first tokens every query reads, at distance window", integer=True),
+        ),
+        views=lambda k: lambda_views(k["window"], k["n_global"]),
+        does="LM-Infinite (Han et al. 2024): Λ-shaped attention, the first n_global tokens and a window, distances "
+        "capped",
+        formula="rel = i-j if i-j < window; window if j < n_global; other keys not read",
+        reach="any, reading n_global + window keys",
+    ),
+    Method(
+        "attention_sink",
+        (
+            Knob("n_sink", 4, "attention sinks: the first tokens every query reads", integer=True),
+            _window(None, FromTrained("T - n_sink", lambda t, k: t - k["n_sink"])),
+        ),
+        views=lambda k: sink_views(k["n_sink"], k["window"]),
+        does="StreamingLLM (Xiao et al. 2024): n_sink attention sinks and a recent window, positions by cache slot",
+        formula="rel = i-j if i-j < window; min(i, n_sink+window-1) - j if j < n_sink; other keys not read",
+        reach="any, reading n_sink + window keys",
     ),
 ):
     register_method(_method)

@@ -1,19 +1,29 @@
-"""Methods that score (query, key) pairs at remapped positions: Self-Extend, ReRoPE and leaky ReRoPE.
+"""Methods that score (query, key) pairs at remapped positions: Self-Extend, ReRoPE, leaky ReRoPE, STRING, Dual Chunk
+Attention, LM-Infinite and attention sinks.
 
 Each method is a set of *views*. A view owns a region of the causal pairs -- for a query at position ``i``, the keys
 at positions ``lo(i) <= j < hi(i)`` -- and scores them with the query rotated at ``qv(i)`` and the key at ``kv(j)``,
-so their relative position is ``qv(i) - kv(j)``. Regions never overlap; pairs that no view owns are not attended.
-All views share one softmax:
+so their relative position is ``qv(i) - kv(j)``. Regions never overlap; pairs that no view owns are not attended
+(LM-Infinite and attention sinks leave the middle of a long context out). All views share one softmax:
 
     score(i, j) = q_i@qv(i) . k_j@kv(j)     for the view whose region holds (i, j); no view: masked
 
 Positions are true token positions (0-based). ``qv``/``kv`` default to the positions the rotary embedding rotated
-at (the true ones unless the views say otherwise). The maps:
+at: the true ones, or for Dual Chunk Attention ``p mod s`` (its keys are cached at those). The maps:
 
 * Self-Extend (Jin et al. 2024, "LLM Maybe LongLM"): exact within ``W``; beyond it ``qv(i) = i // G + W - W // G``,
   ``kv(j) = j // G``: far keys grouped G at a time, the query shifted so both views meet at the window's edge.
 * ReRoPE (Su 2023): exact within ``w``; beyond it ``qv(i) = w``, ``kv(j) = 0``: every far key at distance w.
 * Leaky ReRoPE: beyond ``w``, ``qv(i) = w + (i - w) / k``, ``kv(j) = j / k``: far distances ``w + (i - j - w) / k``.
+* STRING (An et al. 2024): exact within ``S`` (shifted_offset); beyond it ``qv(i) = i - S + W`` (local_value):
+  far distances ``i - j - S + W``, the well-trained small ones shifted over the rarely trained large ones.
+* Dual Chunk Attention (An et al. 2024): chunks of ``s = chunk_size - local_window`` aligned to position 0, keys at
+  ``j mod s``; a query reads its own chunk at ``i mod s`` (exact), the previous chunk at ``min(s + i mod s,
+  chunk_size)``, older chunks at ``min(2s - 1, chunk_size)`` (= chunk_size when s > local_window).
+* LM-Infinite (Han et al. 2024, Lambda-shaped attention): exact within ``W``; beyond it only the first ``G`` keys,
+  at distance ``W`` (ReRoPE's far view, restricted to ``j < G``); the rest is masked.
+* Attention sinks (StreamingLLM, Xiao et al. 2024): exact within ``W``; beyond it only the first ``G`` (sink) keys,
+  at the distance their cache slots have: the query sits at slot ``min(i, G + W - 1)``, sink ``j`` at slot ``j``.
 
 :func:`two_view_attention` computes any method from masked score blocks (any mask, padding, positions);
 :func:`two_view_pieces` assembles the common case -- causal, no padding, contiguous positions -- from fused kernel
@@ -76,7 +86,7 @@ def beyond(window: int, remap: Remap, keys_below: int | None = None) -> View:
 
 
 def beyond_window(window: int, far: Remap) -> Views:
-    """Exact positions within ``window``, ``far`` beyond it (Self-Extend, ReRoPE, leaky ReRoPE)."""
+    """Exact positions within ``window``, ``far`` beyond it (Self-Extend, ReRoPE, leaky ReRoPE, STRING)."""
     return Views((within(window), beyond(window, far)), exact_below=window)
 
 
@@ -90,6 +100,70 @@ def rerope_positions(window: int) -> Remap:
 
 def leaky_rerope_positions(window: int, leak: float) -> Remap:
     return Remap(lambda q: window + (q.double() - window) / leak, lambda k: k.double() / leak)
+
+
+def string_views(shifted_offset: int, local_value: int) -> Views:
+    """STRING: exact below ``shifted_offset`` (S), beyond it the query moved back by ``S - local_value`` (W).
+
+    Follows HKUNLP/STRING ``string_for_llama.py`` (``forward`` and ``string_flash_forward``; 216cc2f): queries
+    rotated at i and at i - S + W, keys at j. Deliberate difference: the split is ``i - j < S`` exact, ``>= S``
+    shifted in every forward, as its decoding branch does; its prefill runs the exact part as a flash window of S + 1
+    keys and so also counts the key at distance exactly S there (it is in both parts). Its attention factor is
+    :func:`~enhance_long.methods.temperature.constant_attention_scale`."""
+    return beyond_window(shifted_offset, Remap(lambda q: q - (shifted_offset - local_value)))
+
+
+def dual_chunk_views(chunk_size: int, local_window: int) -> Views:
+    """Dual Chunk Attention: intra-chunk (exact), successive-chunk and inter-chunk views over chunks of
+    ``s = chunk_size - local_window`` from position 0; the rotary embedding rotates at ``p mod s``.
+
+    Follows HKUNLP/ChunkLlama ``chunkllama_attn_replace.py`` (2add4d7): ``ChunkLlamaRotaryEmbedding`` builds the
+    key table at ``j mod s``, the intra query table at ``i mod s`` and the successive table at
+    ``min(s + i mod s, chunk_size)``; ``forward`` gives a query chunk its own chunk (causal, intra), the previous one
+    (successive) and everything before (inter, at the successive table's entry s - 1: ``min(2s - 1, chunk_size)``)
+    and merges them by log-sum-exp, i.e. one softmax. Deliberate differences: any chunking of the input and any
+    number of new tokens per forward follow the same grid (its decoding branch assumes one new token in the last
+    chunk), and padded rows follow their own positions. Its temperature is
+    :func:`~enhance_long.methods.temperature.chunk_attention_scale`."""
+    s = chunk_size - local_window
+
+    def start(i: torch.Tensor) -> torch.Tensor:  # the first position of i's chunk
+        return i // s * s
+
+    successive = Remap(lambda q: torch.clamp(q % s + s, max=chunk_size))
+    inter = Remap(lambda q: torch.full_like(q, min(2 * s - 1, chunk_size)))
+    views = (
+        View(start, lambda i: i + 1),
+        View(lambda i: start(i) - s, start, successive),
+        View(_zero, lambda i: start(i) - s, inter),
+    )
+    return Views(views, exact_below=s, rotary=lambda p: p % s)
+
+
+def lambda_views(window: int, n_global: int) -> Views:
+    """LM-Infinite: exact within ``window``; beyond it the first ``n_global`` keys at distance ``window``, no others.
+
+    Follows Glaciohound/LM-Infinite ``models/llama.py`` (``attn_forward_factory``, ``convert_llama_model``) and
+    ``models/lambda_attention.py`` (``Lambda_Attention_Matrix``; a0ce64c): local branch ``i - j <= window - 1``
+    at exact positions, global branch the first n_global keys outside it with the key unrotated and the query
+    rotated by the distance limit, which ``convert_llama_model`` sets to the local branch size. No difference in the
+    map; the official code ignores padding masks and grouped-query heads, which work here."""
+    return Views((within(window), beyond(window, rerope_positions(window), n_global)), exact_below=window)
+
+
+def sink_views(n_sink: int, window: int) -> Views:
+    """Attention sinks: exact within ``window``; beyond it the first ``n_sink`` keys at their cache-slot distance
+    (query at slot ``min(i, n_sink + window - 1)``, sink j at slot j), no others. Plain attention up to
+    ``n_sink + window`` tokens, where nothing has been evicted yet.
+
+    Follows mit-han-lab/streaming-llm ``streaming_llm/kv_cache.py`` (``StartRecentKVCache``) and
+    ``streaming_llm/pos_shift/modify_llama.py`` (2e50426) as ``examples/eval_long_ppl.py`` runs them, one token at a
+    time: the cache trimmed to the first start_size and last recent_size tokens before each token, keys rotated at
+    their cache slot, the query at the next slot. ``window`` is recent_size + 1 (the query counts). Deliberate
+    difference: one forward over many tokens gives each query that same cache (the official chat demo prefills a
+    prompt with full attention and evicts between forwards only)."""
+    slot = Remap(lambda q: torch.clamp(q, max=n_sink + window - 1))
+    return Views((within(window), beyond(window, slot, n_sink)), exact_below=n_sink + window)
 
 
 def position_move(from_pos: torch.Tensor, to_pos: torch.Tensor, inv_freq: torch.Tensor, dtype=torch.float32):

@@ -14,9 +14,14 @@ import enhance_long.attention as attention
 from enhance_long.methods import pieces, rope_inv_freq
 from enhance_long.methods.pieces import Merged, attend, causal_attention
 from enhance_long.methods.relative import (
+    dual_chunk_views,
+    lambda_views,
     leaky_rerope_positions,
+    plan_pieces,
     rerope_positions,
     self_extend_positions,
+    sink_views,
+    string_views,
     two_view_attention,
     two_view_pieces,
 )
@@ -151,6 +156,55 @@ def test_two_view_pieces_equal_the_blockwise_two_view_attention(kernel, method, 
         torch.testing.assert_close(two_view_pieces(q, k, v, far, window, inv_freq, 0.25, block=block), expected)
 
 
+VIEWS = {
+    "dual_chunk": lambda: dual_chunk_views(12, 4),  # chunks of 8
+    "dual_chunk, short chunks": lambda: dual_chunk_views(5, 2),  # chunks of 3, shorter than the blocks
+    "string": lambda: string_views(10, 3),
+    "lm_infinite": lambda: lambda_views(12, 3),
+    "lm_infinite, no global keys": lambda: lambda_views(7, 0),
+    "attention_sink": lambda: sink_views(2, 10),
+}
+
+
+@pytest.mark.parametrize("method", VIEWS)
+@pytest.mark.parametrize(("n", "kv"), [(50, 50), (9, 9), (1, 50), (13, 50), (37, 100), (1, 3)])
+def test_pieces_of_every_view_equal_the_blockwise_views_attention(kernel, method, n, kv):
+    q, k, v = qkv(n, kv)
+    views = VIEWS[method]()
+    inv_freq = rope_inv_freq(10000.0, 16)
+    q_pos, k_pos = torch.arange(kv - n, kv)[None], torch.arange(kv)[None]
+
+    def allowed(start, end):
+        return (torch.arange(kv)[None] <= q_pos[0, start:end, None])[None, None]
+
+    expected = two_view_attention(q, k, v, q_pos, k_pos, views, inv_freq=inv_freq, scaling=0.25, allowed=allowed)
+    for block in (4, 128):
+        got = two_view_pieces(q, k, v, views, inv_freq=inv_freq, scaling=0.25, block=block)
+        torch.testing.assert_close(got, expected)
+
+
+def test_every_piece_is_an_unmasked_call_or_a_causal_square_and_each_pair_is_read_once():
+    """The plan itself: each (row, key) pair a method attends is in exactly one piece, and nothing else is."""
+    for method, make in VIEWS.items():
+        views = make()
+        for n, kv in ((50, 50), (13, 50), (1, 40)):
+            plan = plan_pieces(n, kv, views, rope_inv_freq(10000.0, 16), block=8)
+            count = torch.zeros(n, kv, dtype=torch.long)
+            for s, _, block_pieces in plan.blocks:
+                for piece in block_pieces:
+                    (r0, r1), (k0, k1) = piece.rows, piece.keys
+                    rows, keys = torch.arange(r0, r1)[:, None], torch.arange(k0, k1)[None]
+                    seen = {"full": torch.ones(r1 - r0, k1 - k0, dtype=torch.bool)}
+                    seen["causal"] = keys - k0 <= rows - r0
+                    seen["flipped"] = (k1 - 1 - keys) <= (r1 - 1 - rows)
+                    count[s + r0 : s + r1, k0:k1] += seen[piece.kind].long()
+            i = torch.arange(kv - n, kv)[:, None]
+            j = torch.arange(kv)[None]
+            owned = sum(((view.lo(i) <= j) & (j < view.hi(i))).long() for view in views.views)
+            assert torch.equal(count, owned), method
+            assert owned.max() == 1 and bool((owned.sum(-1) > 0).all())
+
+
 def _count_calls(monkeypatch, name):
     calls = []
     original = getattr(attention, name)
@@ -185,6 +239,10 @@ def test_on_a_gpu_attend_runs_the_efficient_kernel_and_matches_matrix_products(d
     [
         ("consistent_ntk", {"bucket": 8}, "causal_attention"),
         ("self_extend", {"group": 3, "window": 8}, "two_view_pieces"),
+        ("dual_chunk", {"chunk_size": 12, "local_window": 4, "mscale": 0.1}, "two_view_pieces"),
+        ("string", {"shifted_offset": 10, "local_value": 3}, "two_view_pieces"),
+        ("lm_infinite", {"window": 12, "n_global": 3}, "two_view_pieces"),
+        ("attention_sink", {"n_sink": 2, "window": 10}, "two_view_pieces"),
     ],
 )
 def test_the_patched_model_takes_the_pieces_path_on_sdpa_and_matches_the_masked_path(

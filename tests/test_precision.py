@@ -31,6 +31,10 @@ EVERY_METHOD = [
     ("self_extend", {"group": 3, "window": 8}),
     ("rerope", {"window": 12}),
     ("leaky_rerope", {"window": 12, "leak": 4.0}),
+    ("dual_chunk", {"chunk_size": 12, "local_window": 4, "mscale": 0.1}),
+    ("string", {"shifted_offset": 10, "local_value": 3}),
+    ("lm_infinite", {"window": 12, "n_global": 3}),
+    ("attention_sink", {"n_sink": 2, "window": 10}),
 ]
 
 

@@ -2,7 +2,7 @@
 
 ``apply`` renames the model's attention implementation to ``enhance_long_<backend>`` and registers it in both of
 transformers' registries: ``AttentionInterface`` gets :func:`enhanced_attention` (LogN, the consistent methods'
-query groups, the remapping methods' two views, then the stock backend), ``AttentionMaskInterface`` the stock
+query groups, the remapping methods' position views, then the stock backend), ``AttentionMaskInterface`` the stock
 backend's own mask function (without it transformers would silently drop the mask).
 """
 

@@ -3,12 +3,13 @@
 Three extension points of transformers 5 are used, nothing else is replaced:
 
 * the model's ``rotary_emb``: static methods (linear, ntk, yarn) only rewrite its ``inv_freq`` buffer; dynamic
-  methods swap in :class:`DynamicRotary`, which derives the frequencies from the current length;
+  methods swap in :class:`DynamicRotary`, which derives the frequencies from the current length, and views whose
+  rotary rotates at other positions (Dual Chunk Attention: ``p mod s``) swap in :class:`RemappedRotary`;
 * ``AttentionInterface`` + ``AttentionMaskInterface``: the model's attention implementation is renamed to
   ``enhance_long_<backend>``, whose function applies the LogN query scale and then calls the stock backend, and
   whose mask function is the stock backend's (without it transformers would silently drop the mask);
 * a forward pre-hook on the decoder, run once per forward: it computes the LogN factors of this forward's
-  queries and, for ``consistent_ntk``, re-rotates the keys already in the ``DynamicCache`` to the base of the
+  queries (LogN times the method's own temperature) and, for ``consistent_ntk``, re-rotates the keys already in the ``DynamicCache`` to the base of the
   current length and splits the queries into groups that share a base.
 
 Consistent dynamic NTK gives the query at position i, and every key it attends to, the base of length i + 1

@@ -11,6 +11,11 @@ in defaults from it, the config schema lists its knobs, and the README's methods
         return Rope(rope_inv_freq(basis.base, basis.dim) / knobs["divisor"])
 
     register_method(Method("halved", (Knob("divisor", 2.0, "positions divided by it", minimum=1.0),), halved))
+
+A knob whose default follows the trained length T has ``default=None`` and a :class:`FromTrained` rule
+(``Knob("window", None, ..., derived=FromTrained("T", lambda t, knobs: t))``); :func:`check_knobs` resolves it when
+the method is applied. Methods that score pairs at remapped positions give ``views`` (``methods/relative.py``);
+a per-query temperature is ``attention_scale``.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ of the scaled scores (``l = log sum_j exp(scale * q.k_j)``):
     o = o1 * exp(l1 - l) + o2 * exp(l2 - l),        l = logaddexp(l1, l2)
 
 So a method that needs other rotations in other key ranges (a query group of consistent NTK re-rotated to its
-base, the near and far views of Self-Extend and ReRoPE) can run each range as one fused kernel call that is either
-unmasked or a top-left causal square: the two shapes the kernels run fastest, with no mask built and no score
+base, the position views of Self-Extend, ReRoPE or Dual Chunk Attention) can run each range as one fused kernel
+call that is either unmasked or a top-left causal square: the two shapes the kernels run fastest, with no mask built and no score
 matrix held. The fused call is PyTorch's own flash kernel on a CPU (the one ``scaled_dot_product_attention`` runs)
 and its memory-efficient kernel on a CUDA GPU (which returns the log-sum-exp too); elsewhere :func:`attend` computes
 the same pair with matrix products, a bounded block of queries at a time.

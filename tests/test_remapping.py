@@ -107,8 +107,18 @@ REMAPPING = [
     ("leaky_rerope", {"window": 12, "leak": 4.0}),
 ]
 
+# Knobs small enough for the tiny model (T = 32, 96 tokens): every region of every method is reached.
+VIEWS_METHODS = [
+    ("dual_chunk", {"chunk_size": 12, "local_window": 4, "mscale": 0.1}),  # chunks of 8: 12 chunks
+    ("dual_chunk", {"chunk_size": 20, "local_window": 12, "mscale": 0.05}),  # s = 8 <= local_window: no plateau
+    ("string", {"shifted_offset": 10, "local_value": 3, "attention_factor": 1 + 0.1 * math.log(2)}),
+    ("lm_infinite", {"window": 12, "n_global": 3}),
+    ("attention_sink", {"n_sink": 2, "window": 10}),
+]
+EXACT_UP_TO = {"dual_chunk": 8, "string": 10, "lm_infinite": 12, "attention_sink": 12}  # tokens of plain attention
 
-@pytest.mark.parametrize("rope,knobs", REMAPPING)
+
+@pytest.mark.parametrize("rope,knobs", REMAPPING + VIEWS_METHODS)
 def test_position_remapping_methods_match_a_pairwise_oracle(rope, knobs, ids):
     name = f"oracle_{rope}"
     AttentionInterface.register(name, oracle_attention(rope, knobs))
@@ -119,7 +129,7 @@ def test_position_remapping_methods_match_a_pairwise_oracle(rope, knobs, ids):
         torch.testing.assert_close(logits(model, ids), logits(reference, ids), rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("rope,knobs", REMAPPING)
+@pytest.mark.parametrize("rope,knobs", REMAPPING + VIEWS_METHODS)
 def test_position_remapping_methods_are_consistent_with_the_cache(rope, knobs, ids):
     model = enhance_long.apply(tiny_model(), rope=rope, logn=True, **knobs)
     assert max(step_by_step_errors(model, ids, T // 2)) < 1e-5
@@ -176,40 +186,6 @@ def test_flash_attention_is_refused_for_position_remapping(monkeypatch):
 def test_bad_knobs_of_the_new_methods(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         enhance_long.apply(tiny_model(), **kwargs)
-
-
-# Knobs small enough for the tiny model (T = 32, 96 tokens): every region of every method is reached.
-VIEWS_METHODS = [
-    ("dual_chunk", {"chunk_size": 12, "local_window": 4, "mscale": 0.1}),  # chunks of 8: 12 chunks
-    ("dual_chunk", {"chunk_size": 20, "local_window": 12, "mscale": 0.05}),  # s = 8 <= local_window: no plateau
-    ("string", {"shifted_offset": 10, "local_value": 3, "attention_factor": 1 + 0.1 * math.log(2)}),
-    ("lm_infinite", {"window": 12, "n_global": 3}),
-    ("attention_sink", {"n_sink": 2, "window": 10}),
-]
-EXACT_UP_TO = {"dual_chunk": 8, "string": 10, "lm_infinite": 12, "attention_sink": 12}  # tokens of plain attention
-
-
-@pytest.mark.parametrize("rope,knobs", VIEWS_METHODS)
-def test_chunked_shifted_and_bounded_methods_match_a_pairwise_oracle_of_the_official_maps(rope, knobs, ids):
-    name = f"oracle_{rope}_{len(knobs)}_{knobs.get('local_window', 0)}"
-    AttentionInterface.register(name, oracle_attention(rope, knobs))
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    reference = tiny_model(attention=name)
-    for backend in ("eager", "sdpa", "flex_attention"):
-        model = enhance_long.apply(tiny_model(attention=backend), rope=rope, logn=False, **knobs)
-        torch.testing.assert_close(logits(model, ids), logits(reference, ids), rtol=0, atol=2e-5)
-
-
-@pytest.mark.parametrize("rope,knobs", VIEWS_METHODS)
-def test_chunked_shifted_and_bounded_methods_are_consistent_with_the_cache(rope, knobs, ids):
-    """Token by token and in chunks through the cache, as one forward: DCA's temperature is per query, the chunk grid
-    and the sinks' slots follow absolute positions."""
-    model = enhance_long.apply(tiny_model(), rope=rope, logn=True, **knobs)
-    assert max(step_by_step_errors(model, ids, T // 2)) < 1e-5
-    for chunk in (7, 11):
-        cache = DynamicCache(config=model.config)
-        pieces = [logits(model, ids[:, s : s + chunk], cache=cache) for s in range(0, ids.shape[1], chunk)]
-        torch.testing.assert_close(torch.cat(pieces, dim=1), logits(model, ids), rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("rope,knobs", VIEWS_METHODS[:1] + VIEWS_METHODS[2:])

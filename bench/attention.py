@@ -80,7 +80,8 @@ def main() -> None:
     p.add_argument(
         "--methods",
         nargs="+",
-        default=["dynamic_ntk", "consistent_ntk", "dynamic_yarn", "self_extend", "rerope", "leaky_rerope"],
+        default=["dynamic_ntk", "consistent_ntk", "dynamic_yarn", "self_extend", "rerope", "leaky_rerope"]
+        + ["dual_chunk", "string", "lm_infinite", "attention_sink"],
         help="rope methods (default: those whose attention differs from stock past T, and dynamic_ntk as the control "
         "that runs the stock call: its spread is this machine's)",
     )

@@ -115,9 +115,8 @@ class DynamicRotary(nn.Module):
     chose for this forward (``plan.rope``); the consistent methods get the identity, and their attention rotates
     queries and keys itself (``consistent.py``), so the cache stores keys before RoPE."""
 
-    def __init__(self, stock: nn.Module, state: PatchState):
+    def __init__(self, state: PatchState):
         super().__init__()
-        self.stock = stock
         self.state = state
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,7 +173,7 @@ def apply(model, rope: str = DEFAULT_ROPE, logn: bool = True, train_len: int | N
         far_view=method.far_view(settings.knobs) if method.far_view else None,
     )
     if method.dynamic:
-        owner.rotary_emb = DynamicRotary(rotary, state)
+        owner.rotary_emb = DynamicRotary(state)
     elif method.frequencies is not CATALOG["none"].frequencies:
         fixed = frequencies(0, rotary.inv_freq.device)
         rotary.inv_freq.copy_(fixed.inv_freq)

@@ -11,7 +11,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 import enhance_long
 from enhance_long.config import ConfigError, job_dirname, validate
 from enhance_long.methods.catalog import knob_specs
-from enhance_long.runner import configured_method, methods_to_run, plan
+from enhance_long.runner import configured_variant, prepare_job, variants_to_run
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -67,7 +67,7 @@ def test_every_yaml_is_headed_by_the_command_that_uses_it():
 @pytest.mark.parametrize("alpha", [1, 4])
 def test_product_sweep_composes_and_passes_only_the_knobs_a_method_takes(rope, alpha):
     cfg = compose_config(f"rope={rope}", f"rope.alpha={alpha}", "ctx=8192")
-    method, ignored = configured_method(cfg, enhance_long.METHODS)
+    method, ignored = configured_variant(cfg, enhance_long.METHODS)
     assert set(method.knobs) == set(enhance_long.METHODS[rope])
     if rope == "none":
         assert method.knobs == {} and ignored == [f"rope.alpha={float(alpha)}"]
@@ -76,16 +76,16 @@ def test_product_sweep_composes_and_passes_only_the_knobs_a_method_takes(rope, a
 
 
 def test_jobs_differing_only_in_ignored_knobs_share_their_result_keys():
-    keys = [{key for _, _, key, _ in plan(compose_config("rope=none", f"rope.alpha={a}")).work} for a in (1, 2, 4)]
+    keys = [{item.key for item in prepare_job(compose_config("rope=none", f"rope.alpha={a}")).work} for a in (1, 2, 4)]
     assert keys[0] == keys[1] == keys[2]
-    other = {key for _, _, key, _ in plan(compose_config("rope=ntk", "rope.alpha=2")).work}
+    other = {item.key for item in prepare_job(compose_config("rope=ntk", "rope.alpha=2", "baseline=false")).work}
     assert not other & keys[0]
 
 
 def test_baseline_is_the_stock_model_and_is_not_doubled():
-    methods, _ = methods_to_run(compose_config("baseline=true"), enhance_long.METHODS)
+    methods, _ = variants_to_run(compose_config("baseline=true"), enhance_long.METHODS)
     assert [m.label for m in methods] == ["none", "consistent_ntk(alpha=2,bucket=256,schedule=per_query)+logn"]
-    methods, _ = methods_to_run(compose_config("baseline=true", "rope=none", "logn=off"), enhance_long.METHODS)
+    methods, _ = variants_to_run(compose_config("baseline=true", "rope=none", "logn=off"), enhance_long.METHODS)
     assert [m.label for m in methods] == ["none"]
 
 

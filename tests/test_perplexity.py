@@ -8,12 +8,12 @@ import torch
 from omegaconf import OmegaConf
 
 import enhance_long
-from enhance_long.config import PerplexityConfig
 from enhance_long.models import load_model
 from enhance_long.tasks.base import TaskEnv
 from enhance_long.tasks.perplexity import (
     TASK,
     NLLTotals,
+    PerplexityConfig,
     first_scored,
     spread_windows,
     window_nll,

@@ -219,6 +219,20 @@ def describe(model) -> dict[str, Any] | None:
     }
 
 
+_STATIC_ROPE_TYPES = {"default", "linear", "yarn", "llama3"}  # unpatched rope types that ignore the forward's length
+
+
+def prefix_exact(model) -> bool:
+    """Whether ``model`` computes a forward's first n positions exactly as a forward of just those n tokens (so a
+    prefix's KV cache, or its losses, can be reused): causal attention and frequencies that do not follow the length
+    of the whole forward (not dynamic NTK, nor the per_forward schedule)."""
+    info = describe(model)
+    if info is None:
+        rope = getattr(getattr(model, "config", None), "rope_parameters", None)
+        return rope is not None and rope.get("rope_type", "default") in _STATIC_ROPE_TYPES
+    return CATALOG[info["rope"]].prefix_exact(info)
+
+
 def attended_keys(model, cache, layer: int) -> torch.Tensor:
     """The keys layer ``layer`` attended to in the last forward through ``cache``, rotated as the attention read them:
     (batch, kv_heads, n, head_dim) in transformers' rotate-half layout. For the consistent methods that is the

@@ -171,16 +171,38 @@ def test_job_dirname_is_deterministic_and_safe():
 
 @pytest.mark.parametrize(
     "task,ctxs,trials",
-    [("perplexity", [8192, 12288, 16384, 24576], None), ("passkey", [8192, 16384], 1)],
+    [("perplexity", [8192, 16384, 24576, 32768], None), ("passkey", [16384], 1), ("ruler", [8192, 16384], None)],
 )
 def test_leaderboard_gives_each_task_its_own_lengths_and_knobs(task, ctxs, trials):
     from enhance_long.config import task_settings
 
-    cfg = task_settings(compose_config("experiment=leaderboard", f"task={task}", "rope=self_extend"))
+    cfg = task_settings(compose_config("experiment=leaderboard", f"task={task}", "variant=self_extend"))
     assert validate(cfg, list(enhance_long.METHODS)) == ctxs
-    assert (cfg.name, cfg.logn.enabled, cfg.rope.name) == ("leaderboard", False, "self_extend")
+    assert (cfg.name, cfg.logn.enabled, cfg.rope.name, cfg.baseline) == ("leaderboard", False, "self_extend", False)
     if trials is not None:
-        assert cfg.task.trials == trials and list(cfg.task.depths) == [0.1, 0.5]
+        assert cfg.task.trials == trials and list(cfg.task.depths) == [0.1, 0.3, 0.5, 0.7, 0.9]
+
+
+@pytest.mark.parametrize(
+    ("variant", "rope", "knobs", "logn"),
+    [
+        ("original", "consistent_ntk", {"schedule": "per_forward", "bucket": 1}, True),
+        ("consistent_ntk_logn", "consistent_ntk", {"schedule": "per_query", "bucket": 256}, True),
+        ("rerope_logn", "rerope", {"window": 2048}, True),
+        ("yarn", "yarn", {"factor": 2.0}, False),
+    ],
+)
+def test_variants_set_the_method_its_knobs_and_logn(variant, rope, knobs, logn):
+    cfg = compose_config(f"variant={variant}")
+    assert cfg.rope.name == rope and cfg.logn.enabled is logn
+    assert {k: cfg.rope[k] for k in knobs} == knobs
+
+
+def test_every_variant_composes_and_validates():
+    for path in sorted((CONF / "variant").glob("*.yaml")):
+        cfg = compose_config(f"variant={path.stem}")
+        assert validate(cfg) == [4096, 8192, 16384], path.stem
+        assert path.read_text().splitlines()[1].startswith(f"# python run.py variant={path.stem}"), path
 
 
 def test_per_task_overrides_must_be_config_keys():

@@ -48,3 +48,24 @@ def test_min_new_tokens_and_a_bad_batch_size(tokenizer):
 
 def test_leading_special_is_the_tokenizers_bos(tokenizer):
     assert leading_special(tokenizer) == [tokenizer.bos_token_id]
+
+
+def shared_prompts(count: int = 4):
+    g = torch.Generator().manual_seed(4)
+    head = torch.randint(3, 97, (2 * TRAIN_LEN,), generator=g).tolist()  # past T: the prefix is scored past it too
+    return [head + torch.randint(3, 97, (9,), generator=g).tolist() for _ in range(count)]
+
+
+@pytest.mark.parametrize("rope", ["none", "consistent_ntk", "self_extend", "dynamic_ntk"])
+def test_a_shared_prefix_is_prefilled_once_where_that_is_exact_and_changes_no_answer(rope, tokenizer):
+    model = enhance_long.apply(tiny_model(vocab_size=259, bos_token_id=1, eos_token_id=2), rope=rope, logn=True)
+    fed = []
+    model.model.register_forward_pre_hook(lambda m, a, k: fed.append(k["input_ids"].numel()), with_kwargs=True)
+    expected = greedy(model, tokenizer, shared_prompts(), 12, progress=False)
+    full = sum(fed)
+    for batch_size in (1, 2):
+        fed.clear()
+        got = greedy(model, tokenizer, shared_prompts(), 12, batch_size=batch_size, reuse_prefix=True, progress=False)
+        assert got == expected, batch_size
+        if batch_size == 1:  # the prefix went through once instead of four times (not at all where inexact)
+            assert full - sum(fed) == (0 if rope == "dynamic_ntk" else 3 * 2 * TRAIN_LEN), rope

@@ -30,7 +30,9 @@ def corpus(tmp_path_factory):
 
 
 def tiny_overrides(corpus, *extra):
-    return ["model=tiny_random", "data=local", f"data.path={corpus}", "ctxs=[64,128]", "progress=false", *extra]
+    """The tiny job: tiny random model, local text, short lengths, the configured method alone (baseline=false)."""
+    base = ["model=tiny_random", "data=local", f"data.path={corpus}", "ctxs=[64,128]", "progress=false"]
+    return [*base, "baseline=false", *extra]
 
 
 def compose_tiny(corpus, *extra):
@@ -65,7 +67,6 @@ def test_perplexity_job_writes_the_output_contract(corpus, tmp_path):
 
 def test_passkey_job(corpus, tmp_path):
     overrides = ["task=passkey", "ctxs=[300]", "task.depths=[0,1]", "task.trials=1", "task.max_new_tokens=3"]
-    overrides.append("baseline=false")
     aggregate = run(compose_tiny(corpus, *overrides), out_dir=tmp_path)
     assert [(r["ctx"], r["depth"], r["trials"]) for r in aggregate] == [(300, 0.0, 1), (300, 1.0, 1)]
     assert all(set(r) >= ROW_CONTRACT and "accuracy" in r and r["data"] is None for r in aggregate)

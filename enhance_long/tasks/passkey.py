@@ -119,6 +119,7 @@ class Passkey(Task):
             batch_size=cfg.batch_size,
             eos_token_id=tokenizer.eos_token_id,
             desc=f"passkey ctx={ctx} depth={depth:g}",
+            reuse_prefix=True,  # the trials share the prompt up to the needle: prefilled once where exact
             progress=env.progress,
         )
         outputs = [tokenizer.decode(answer, skip_special_tokens=True) for answer in answers]

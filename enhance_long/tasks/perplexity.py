@@ -20,6 +20,11 @@ tokens are those of the window of ``n`` tokens at the same start, so one forward
 shorter window with that start (``max_windows=1``: one forward per job instead of one per length). Rows say so in
 ``from_ctx``.
 
+Side measures on the same windows, in the same rows: at the lengths of ``tail_at``, the last ``tail_tokens`` tokens of
+each window are scored again in a window of their own (``tail_ppl`` with the whole window before them,
+``tail_alone_ppl`` alone: their ratio says whether the method uses the far context); at the lengths of ``cached_at``
+each window is also fed through the KV cache, ``chunk`` tokens per forward (``cached_ppl``).
+
 ``mode=cached`` feeds each window through a ``DynamicCache`` instead: a ``prefill`` forward, then ``chunk`` tokens
 per forward. Static methods score the same either way; ``dynamic_ntk`` (keys keep the base they were written
 with) and ``consistent_ntk`` (keys re-rotated to the current base) differ here.
@@ -40,8 +45,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-import enhance_long
-from enhance_long.methods.catalog import CATALOG
+from enhance_long.patch import prefix_exact
 from enhance_long.plots import figure, save, styles
 from enhance_long.tables import describe_rows, grid, grid_table, labels, ordered_labels, perplexity_text
 from enhance_long.tasks.base import Task, TaskEnv, require_positive
@@ -59,6 +63,9 @@ class PerplexityConfig:
     buckets: int = 8  # position buckets over [0, ctx)
     chunk: int = 1024  # positions per lm_head call, and per forward in mode=cached
     prefill: int | None = None  # mode=cached: tokens in the first forward; None = chunk
+    tail_at: list[int] = field(default_factory=list)  # lengths whose windows' last tail_tokens are also scored alone
+    tail_tokens: int = 8192  # the tail the "helps" ratio compares: read with the whole window vs in its own window
+    cached_at: list[int] = field(default_factory=list)  # lengths whose windows are also scored through the KV cache
 
 
 def window_starts(n_tokens: int, ctx: int, stride: int) -> list[int]:
@@ -93,6 +100,7 @@ class NLLTotals:
     tokens: int = 0
     bucket_nll: list[float] = field(default_factory=list)
     bucket_tokens: list[int] = field(default_factory=list)
+    sides: dict[str, list] = field(default_factory=dict)  # name -> [NLL sum, tokens] of a side measure (tail, cached)
 
     def __post_init__(self):
         self.bucket_nll = self.bucket_nll or [0.0] * self.buckets
@@ -110,12 +118,22 @@ class NLLTotals:
             self.bucket_nll[b] += float(sums[b])
             self.bucket_tokens[b] += int(counts[b])
 
+    def add_side(self, name: str, nll: torch.Tensor) -> None:
+        """Add NLL values of a side measure: other tokens or another way of feeding them (``<name>_ppl`` in rows)."""
+        total = self.sides.setdefault(name, [0.0, 0])
+        total[0] += float(nll.double().sum())
+        total[1] += nll.numel()
+
     def merge(self, other: NLLTotals) -> None:
         self.nll += other.nll
         self.tokens += other.tokens
         for b in range(self.buckets):
             self.bucket_nll[b] += other.bucket_nll[b]
             self.bucket_tokens[b] += other.bucket_tokens[b]
+        for name, (nll, tokens) in other.sides.items():
+            total = self.sides.setdefault(name, [0.0, 0])
+            total[0] += nll
+            total[1] += tokens
 
     def row(self) -> dict:
         """``ppl``, ``tokens``, ``nll`` and the per-bucket breakdown (``ppl`` None for an empty bucket)."""
@@ -133,6 +151,8 @@ class NLLTotals:
                 }
                 for b in range(self.buckets)
             ],
+            **{f"{name}_ppl": math.exp(nll / tokens) for name, (nll, tokens) in self.sides.items()},
+            **{f"{name}_tokens": tokens for name, (_, tokens) in self.sides.items()},
         }
 
 
@@ -176,20 +196,6 @@ def window_nll_cached(model, ids: torch.Tensor, first: int, chunk: int, prefill:
     return torch.cat(pieces)
 
 
-# rope types of an unpatched model whose frequencies do not depend on the length of the forward
-_STATIC_ROPE_TYPES = {"default", "linear", "yarn", "llama3"}
-
-
-def prefix_invariant(model) -> bool:
-    """Whether the model scores a prefix of a window exactly as it scores that prefix alone: causal attention, and
-    RoPE frequencies that depend on each query's position, not on how long the whole forward is."""
-    info = enhance_long.describe(model)
-    if info is None:
-        rope = getattr(model.config, "rope_parameters", None) or {}
-        return rope.get("rope_type", "default") in _STATIC_ROPE_TYPES
-    return CATALOG[info["rope"]].prefix_exact(info)
-
-
 class Perplexity(Task):
     name = "perplexity"
     schema = PerplexityConfig
@@ -210,6 +216,22 @@ class Perplexity(Task):
         require_positive("task.prefill", cfg.prefill, "task.prefill=4096", integer=True)
         if cfg.buckets > min(ctxs):
             raise ValueError(f"task.buckets={cfg.buckets} exceeds ctx={min(ctxs)}; use task.buckets<={min(ctxs)}")
+        for knob in ("tail_at", "cached_at"):
+            for length in cfg[knob]:
+                if length not in ctxs:
+                    raise ValueError(
+                        f"task.{knob} has {length}, which is not one of the lengths {list(ctxs)}; add it to ctxs or drop it"
+                    )
+        for length in cfg.tail_at:
+            if not 2 <= cfg.tail_tokens < length:
+                raise ValueError(
+                    f"task.tail_tokens={cfg.tail_tokens} must be between 2 and the tail_at length {length} "
+                    f"(exclusive), e.g. task.tail_tokens={length // 4}"
+                )
+        if cfg.mode == "cached" and cfg.cached_at:
+            raise ValueError(
+                "task.cached_at scores windows through the cache beside mode=sliding; with mode=cached drop it"
+            )
 
     def cells(self, cfg, ctxs: Sequence[int]) -> list[dict]:
         self.check(cfg, ctxs)
@@ -240,7 +262,7 @@ class Perplexity(Task):
         pending = env.cache.get("perplexity.pending", [])
         if env.cfg.mode != "sliding" or not any(other > ctx for other in pending):
             return ctx
-        if not prefix_invariant(env.model):
+        if not prefix_exact(env.model):
             return ctx
         for longer in sorted((other for other in pending if other > ctx), reverse=True):
             corpus, windows = self.windows_for(env, longer)
@@ -288,6 +310,12 @@ class Perplexity(Task):
                 nll = self.losses(env, ids, ctx, doc.name, start, host)[first - 1 :]
                 hosts.add(host)
             totals[doc_index].add(nll, torch.arange(first, ctx))
+            if ctx in cfg.cached_at:
+                totals[doc_index].add_side("cached", window_nll_cached(env.model, ids, first, cfg.chunk, cfg.chunk))
+            if ctx in cfg.tail_at:  # the same tokens with the whole window before them, and in a window of their own
+                tail = cfg.tail_tokens
+                totals[doc_index].add_side("tail", nll[-(tail - 1) :])
+                totals[doc_index].add_side("tail_alone", window_nll(env.model, ids[ctx - tail :], 1, cfg.chunk))
             bar.set_postfix(doc=corpus.docs[doc_index].name, ppl=f"{math.exp(nll.double().mean()):.2f}")
         rows, total = [], NLLTotals(ctx, cfg.buckets)
         counts = Counter(doc_index for doc_index, _, _ in windows)

@@ -46,8 +46,10 @@ Deliberate differences:
   not use (vt with the essay haystack or several chains, other fwe exponents).
 
 Cheaper where exact: samples of one cell share the leading ids of their prompts (chat head, template head, the
-haystack up to the first needle); each row's ``prefix_reuse`` is the share of the cell's prefill a prefix KV cache
-would skip. Reuse is not implemented yet: every prompt is prefilled whole (``task.batch_size`` at a time).
+haystack up to the first needle); where the method scores a prefix as it scores it alone (every method but
+``dynamic_ntk`` and the ``per_forward`` schedule), that prefix is prefilled once per cell and each sample continues
+from a copy of its KV cache (``tasks/generation.py``). Each row's ``prefix_reuse`` is the share of the cell's prefill
+that saves.
 """
 
 from __future__ import annotations
@@ -205,6 +207,7 @@ class Ruler(Task):
             spec.tokens_to_generate,
             batch_size=env.cfg.batch_size,
             desc=f"ruler {task} @ {ctx}",
+            reuse_prefix=True,  # the trials share the prompt up to the needle: prefilled once where exact
             progress=env.progress,
         )
         outputs = [env.tokenizer.decode(answer, skip_special_tokens=True) for answer in answers]

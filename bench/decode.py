@@ -3,6 +3,7 @@ and the remapping methods vs the stock model.
 
     python -m bench.decode --quick                 # tiny random Llama (T=128), 256 and 512 cached tokens
     python -m bench.decode --threads 1             # SmolLM2 (T=8192), 8192 and 16384 cached tokens
+    python -m bench.decode --threads 1 --dtype bfloat16   # the same in bfloat16 (torch's CPU bf16 kernels)
     python -m bench.decode --threads 1 --cached 16384 --steps 64 --methods dual_chunk string lm_infinite
 
 Cases, all on the same weights in one process, interleaved:
@@ -10,18 +11,19 @@ Cases, all on the same weights in one process, interleaved:
 * ``stock``: the model as it ships;
 * ``builtin_dynamic``: transformers' ``rope_type="dynamic"`` rotary embedding swapped in (cached keys keep the base
   they were written with: the inconsistency transformers declined to fix);
-* ``consistent_ntk``: the default bucket (256): cached keys are re-rotated in place once every ``bucket`` tokens;
+* ``consistent_ntk``: the default bucket (256): the cache holds keys before RoPE and the attention reads a rotated
+  copy beside it, derived again from the unrotated keys once every ``bucket`` tokens;
 * ``consistent_ntk+logn``: the same with LogN, as ``enhance_long.apply(model)`` installs it;
-* ``consistent_ntk[bucket=1]``: the exact per-token schedule, which re-rotates every cached key at every step:
+* ``consistent_ntk[bucket=1]``: the exact per-token schedule, which derives every cached key again at every step:
   the cost of the naive fix (rotating all keys each step), i.e. the floor to beat;
 * any other method named in ``--methods`` (LogN off), e.g. the remapping ones: each decoded token runs its views
   as kernel pieces over the cache.
 
 Each case gets a fresh cache of N random keys/values (untimed; decoding cost does not depend on the values), then
-decodes ``--steps`` tokens one forward each (timed). A fresh cache counts as written with the stock base, so the
-consistent cases re-rotate it at their first step, exactly as they do when the base moves at a bucket boundary:
-a block of ``bucket`` steps holds exactly one re-rotation, and its mean is the amortized cost per token. The exact
-schedule costs the same at every step, so its block is shorter (``--exact-steps``).
+decodes ``--steps`` tokens one forward each (timed). A fresh cache has no rotated copy yet, so the consistent cases
+derive it at their first step, exactly as they do when the base moves at a bucket boundary: a block of ``bucket``
+steps holds exactly one derivation, and its mean is the amortized cost per token. The exact schedule costs the same
+at every step, so its block is shorter (``--exact-steps``).
 Targets: consistent_ntk within 1.05x of builtin_dynamic; every other method within 1.1x of stock.
 """
 
@@ -169,6 +171,7 @@ def main() -> None:
         default=["consistent_ntk"],
         help="methods to time beside stock and builtin_dynamic (consistent_ntk: its three cases; others LogN off)",
     )
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype")
     args = p.parse_args()
     unknown = sorted(set(args.methods) - set(enhance_long.METHODS))
     if unknown:
@@ -178,6 +181,7 @@ def main() -> None:
     if steps < 1 or args.exact_steps < 1:
         raise SystemExit(f"--steps={steps} / --exact-steps={args.exact_steps} are invalid; give integers >= 1")
     model, _, train_len = load(args.quick)
+    model.to(getattr(torch, args.dtype))
     cached = args.cached or ([256, 512] if args.quick else [8192, 16384])
     rows = measure(model, train_len, cached, steps, args.exact_steps, n_repeats, args.warmup, args.methods)
     columns = [
@@ -193,10 +197,11 @@ def main() -> None:
         "target_met",
     ]
     settings = {"train_len": train_len, "alpha": ALPHA, "steps": steps, "exact_steps": args.exact_steps}
-    settings |= {"repeats": n_repeats, "warmup": args.warmup, "attention": "sdpa", "methods": args.methods}
+    settings |= {"repeats": n_repeats, "warmup": args.warmup, "attention": "sdpa", "dtype": args.dtype}
+    settings |= {"methods": args.methods}
     text = (
-        f"decode, T={train_len}, {n_repeats} repeats, target <= {TARGET}x builtin_dynamic (consistent_ntk), "
-        f"<= {TARGET_VS_STOCK}x stock (others)\n"
+        f"decode, T={train_len}, {args.dtype}, {n_repeats} repeats, target <= {TARGET}x builtin_dynamic "
+        f"(consistent_ntk), <= {TARGET_VS_STOCK}x stock (others)\n"
     )
     targets = {"target": TARGET, "target_vs_stock": TARGET_VS_STOCK}
     report("decode", args, {"settings": settings, **targets, "rows": rows}, text + table(rows, columns))

@@ -11,7 +11,8 @@
 #
 # Then one device call: command `bash bench/device_check.sh`, carry [".whl"], timeout_s 600.
 # It writes to $OUT: gpu.txt (GPU, versions), pytest.txt (the CUDA tests, skipped on CPUs: the fused GPU pieces
-# against matrix products and against the masked path), bench.txt + gpu.json (python -m bench.gpu, sized to end
+# against matrix products and against the masked path; padded batches on sdpa and flash-attn, bfloat16 cached keys
+# against float64: tests/test_cuda.py), bench.txt + gpu.json (python -m bench.gpu, sized to end
 # within about 7 minutes on an H200; the figures go to docs/bench.md section 6 and the README).
 set -uo pipefail
 OUT=${OUT:-bench/results}
@@ -26,6 +27,6 @@ fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider -rs tests/test_pieces.py 2>&1 | tail -n 30 | tee "$OUT/pytest.txt"
+python3 -m pytest -q -p no:cacheprovider -rs tests/test_pieces.py tests/test_cuda.py 2>&1 | tail -n 40 | tee "$OUT/pytest.txt"
 timeout 450 python3 -m bench.gpu --lengths 8192 16384 32768 --methods none dynamic_ntk consistent_ntk self_extend \
     --repeats 2 --warmup 1 --out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.txt"

@@ -8,10 +8,21 @@
     enhance_long.apply(model, rope="yarn", factor=4.0, logn=False)
     enhance_long.remove(model)                                 # back to the stock model, exactly
 
-``import enhance_long.auto`` instead patches every supported model loaded with ``from_pretrained``.
+``import enhance_long.auto`` instead patches every supported model loaded with ``from_pretrained``;
+``enhance_long.register_method`` adds a method of your own (README, *How to add a method*).
 Importing this package has no side effects.
 """
 
+from enhance_long.methods.catalog import register_method
 from enhance_long.patch import DEFAULT_ROPE, METHODS, SUPPORTED_MODEL_TYPES, apply, describe, remove, trained_length
 
-__all__ = ["DEFAULT_ROPE", "METHODS", "SUPPORTED_MODEL_TYPES", "apply", "describe", "remove", "trained_length"]
+__all__ = [
+    "DEFAULT_ROPE",
+    "METHODS",
+    "SUPPORTED_MODEL_TYPES",
+    "apply",
+    "describe",
+    "register_method",
+    "remove",
+    "trained_length",
+]

@@ -18,7 +18,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.models.llama import modeling_llama
 
-from enhance_long import consistent
+import enhance_long.consistent as consistent
 from enhance_long.consistent import RotatedKeys, TurnMemo, key_positions, turns
 from enhance_long.methods.pieces import causal_attention, fused
 from enhance_long.methods.relative import plan_pieces, two_view_attention, two_view_pieces

@@ -12,6 +12,8 @@ of the ``experiment`` group (``python run.py experiment=quick``) with the packag
 from __future__ import annotations
 
 import hashlib
+import importlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
@@ -20,13 +22,17 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from enhance_long.methods.catalog import knob_specs
+from enhance_long.attention import BACKENDS, check_backend
+from enhance_long.data import SOURCES, local_files
+from enhance_long.methods.catalog import CATALOG, knob_specs
+from enhance_long.models import model_dtype
+from enhance_long.tasks import all_tasks, get_task
+from enhance_long.tasks.base import require_positive
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
-ATTENTION_BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
+PLUGINS = "ENHANCE_LONG_PLUGINS"  # comma-separated modules imported before the schemas are built
 LOGGERS = ("none", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
-DATA_SOURCES = ("canterbury", "hf", "local")
 
 
 class ConfigError(ValueError):
@@ -105,27 +111,6 @@ class LoggerConfig:
 
 
 @dataclass
-class PerplexityConfig:
-    name: str = "perplexity"
-    mode: str = "sliding"  # sliding | cached
-    stride: int | None = None  # None = ctx (non-overlapping windows)
-    max_windows: int | None = 1  # per length, round-robin over documents; None = every full window
-    min_tokens: int | None = None  # documents shorter than max(ctx, min_tokens) are skipped
-    buckets: int = 8  # position buckets over [0, ctx)
-    chunk: int = 1024  # positions per lm_head call, and per forward in mode=cached
-    prefill: int | None = None  # mode=cached: tokens in the first forward; None = chunk
-
-
-@dataclass
-class PasskeyConfig:
-    name: str = "passkey"
-    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    trials: int = 5
-    key_digits: int = 5
-    max_new_tokens: int = 8
-
-
-@dataclass
 class RunConfig:
     name: str = "${task.name}"  # names the output folder: outputs/<name>/..., multirun/<name>/...
     model: ModelConfig = MISSING
@@ -137,7 +122,7 @@ class RunConfig:
     logger: LoggerConfig = MISSING
     ctx: int | None = None  # one context length; overrides ctxs
     ctxs: list[int] = field(default_factory=lambda: [4096, 8192, 16384])
-    baseline: bool = False  # also measure the stock model (rope=none, logn off) for the table
+    baseline: bool = True  # also measure the stock model (rope=none, logn off) for the table
     seed: int = 0
     resume: bool = True  # skip cells already in results.jsonl
     progress: bool = True  # progress bars
@@ -172,16 +157,12 @@ def experiment_package(path: Path) -> str:
 
 
 def register_configs(experiments_dir: Path = EXPERIMENTS_DIR) -> None:
-    from enhance_long.tasks.harness import LmEvalConfig  # the task's own schema; lm-eval is imported only when it runs
-    from enhance_long.tasks.ruler import RulerConfig  # a task's own schema lives with the task
-
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="rope", name="rope_schema", node=rope_schema())
-    cs.store(group="task", name="perplexity_schema", node=PerplexityConfig)
-    cs.store(group="task", name="passkey_schema", node=PasskeyConfig)
-    cs.store(group="task", name="ruler_schema", node=RulerConfig)
-    cs.store(group="task", name="lm_eval_schema", node=LmEvalConfig)
+    for task in all_tasks():
+        if task.schema is not None:  # a task's own schema lives with the task
+            cs.store(group="task", name=f"{task.name}_schema", node=task.schema)
     for path in sorted(experiments_dir.glob("*.yaml")):
         cs.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package=experiment_package(path))
 
@@ -195,6 +176,19 @@ def job_dirname(overrides: str) -> str:
     return name
 
 
+def import_plugins() -> None:
+    """Import the modules ``$ENHANCE_LONG_PLUGINS`` names, so methods they register (``enhance_long.register_method``)
+    and their knobs are in the catalogue before the ``rope`` schema is built from it."""
+    for name in filter(None, (part.strip() for part in os.environ.get(PLUGINS, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ImportError(
+                f"{PLUGINS} names {name!r}, which does not import ({error}); put the module on PYTHONPATH or drop it"
+            ) from None
+
+
+import_plugins()
 register_configs()
 if not OmegaConf.has_resolver("job_dirname"):
     OmegaConf.register_new_resolver("job_dirname", job_dirname)
@@ -214,17 +208,19 @@ def lengths(cfg: DictConfig) -> list[int]:
     return list(dict.fromkeys(values))
 
 
-def _positive(name: str, value: Any, example: str, integer: bool = False) -> None:
-    if value is not None and value <= 0:
-        kind = "an integer >= 1" if integer else "a number > 0"
-        raise ConfigError(f"{name}={value} is invalid; it must be {kind} (or null for the default), e.g. {example}")
+def validate(cfg: DictConfig, methods: Sequence[str] | None = None) -> list[int]:
+    """Refuse nonsense values before anything is loaded (the task's own through its ``check``, the attention
+    backend, the dtype, local files); returns the lengths to measure. ``methods``: the rope names allowed (default:
+    the catalogue's). Every problem is a one-line :class:`ConfigError`."""
+    try:
+        return _validate(cfg, list(CATALOG) if methods is None else methods)
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
-def validate(cfg: DictConfig, methods: Sequence[str]) -> list[int]:
-    """Refuse nonsense values before anything is loaded; returns the lengths to measure.
-
-    ``methods`` are the rope names ``enhance_long.apply`` knows (passed in, so this module stays import-light).
-    """
+def _validate(cfg: DictConfig, methods: Sequence[str]) -> list[int]:
     ctxs = lengths(cfg)
     rope = cfg.rope
     if rope.name not in methods:
@@ -242,17 +238,22 @@ def validate(cfg: DictConfig, methods: Sequence[str]) -> list[int]:
         raise ConfigError(
             f"model.train_len={cfg.model.train_len} is invalid; it must be > 1, or null to read it from the model"
         )
-    if cfg.attention.name not in ATTENTION_BACKENDS:
+    if cfg.attention.name not in BACKENDS:
         raise ConfigError(
-            f"attention={cfg.attention.name} is unknown; choose one of {', '.join(ATTENTION_BACKENDS)} (e.g. attention=sdpa)"
+            f"attention={cfg.attention.name} is unknown; choose one of {', '.join(BACKENDS)} (e.g. attention=sdpa)"
         )
-    if cfg.data.source not in DATA_SOURCES:
-        raise ConfigError(f"data.source={cfg.data.source} is unknown; choose one of {', '.join(DATA_SOURCES)}")
+    check_backend(cfg.attention.name)  # flash-attn installed, a GPU there
+    model_dtype(cfg.model.get("dtype"))
+    if cfg.data.source not in SOURCES:
+        raise ConfigError(f"data.source={cfg.data.source} is unknown; choose one of {', '.join(SOURCES)}")
     if cfg.data.source in ("hf", "local") and (OmegaConf.is_missing(cfg.data, "path") or not cfg.data.path):
         raise ConfigError(
             f"data={cfg.data.name} (source {cfg.data.source}) needs data.path, e.g. data.path='/data/books/*.txt'"
         )
-    _positive("data.max_docs", cfg.data.max_docs, "data.max_docs=1", integer=True)
+    require_positive("data.max_docs", cfg.data.max_docs, "data.max_docs=1", integer=True)
+    task = get_task(cfg.task.name)
+    if task.uses_data and cfg.data.source == "local":
+        local_files(cfg.data.path)  # the files are there and are texts
     if cfg.logger.name not in LOGGERS:
         raise ConfigError(
             f"logger={cfg.logger.name} is unknown; choose one of {', '.join(LOGGERS)} (e.g. logger=wandb)"
@@ -261,42 +262,5 @@ def validate(cfg: DictConfig, methods: Sequence[str]) -> list[int]:
         raise ConfigError(
             f"logger.mode={cfg.logger.mode} is unknown; choose one of {', '.join(WANDB_MODES)}, or null for $WANDB_MODE"
         )
-    task = cfg.task
-    if task.name == "perplexity":
-        validate_perplexity(task, ctxs)
-    elif task.name == "passkey":
-        validate_passkey(task, ctxs)
+    task.check(cfg.task, ctxs)
     return ctxs
-
-
-def validate_perplexity(task: DictConfig, ctxs: Sequence[int]) -> None:
-    if task.mode not in ("sliding", "cached"):
-        raise ConfigError(f"task.mode={task.mode} is unknown; choose sliding or cached (e.g. task.mode=cached)")
-    _positive("task.stride", task.stride, "task.stride=1024", integer=True)
-    if task.stride is not None and task.stride > min(ctxs):
-        raise ConfigError(
-            f"task.stride={task.stride} is larger than ctx={min(ctxs)}, which would skip tokens; "
-            f"use task.stride<={min(ctxs)}, or null for stride=ctx"
-        )
-    _positive("task.max_windows", task.max_windows, "task.max_windows=4", integer=True)
-    _positive("task.min_tokens", task.min_tokens, "task.min_tokens=16384", integer=True)
-    _positive("task.buckets", task.buckets, "task.buckets=8", integer=True)
-    _positive("task.chunk", task.chunk, "task.chunk=1024", integer=True)
-    _positive("task.prefill", task.prefill, "task.prefill=4096", integer=True)
-    if task.buckets > min(ctxs):
-        raise ConfigError(f"task.buckets={task.buckets} exceeds ctx={min(ctxs)}; use task.buckets<={min(ctxs)}")
-
-
-def validate_passkey(task: DictConfig, ctxs: Sequence[int]) -> None:
-    if not task.depths:
-        raise ConfigError("task.depths=[] measures nothing; give depths in [0, 1], e.g. task.depths=[0,0.5,1]")
-    for depth in task.depths:
-        if not 0 <= depth <= 1:
-            raise ConfigError(
-                f"task.depths has {depth}; a depth is a fraction of the filler in [0, 1], e.g. task.depths=[0,0.5,1]"
-            )
-    _positive("task.trials", task.trials, "task.trials=5", integer=True)
-    if not 1 <= task.key_digits <= 32:
-        raise ConfigError(f"task.key_digits={task.key_digits} is invalid; use 1 to 32 digits, e.g. task.key_digits=5")
-    if task.max_new_tokens < 1:
-        raise ConfigError(f"task.max_new_tokens={task.max_new_tokens} is invalid; it must be >= 1, e.g. 8")

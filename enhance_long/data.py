@@ -102,7 +102,7 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
             yield f"{path.name}:{number}", record[text_field]
 
 
-def _local_files(patterns: str | list[str]) -> list[Path]:
+def local_files(patterns: str | list[str]) -> list[Path]:
     """The .txt/.jsonl files named by `patterns`: files, folders (their .txt/.jsonl files, recursively) or globs."""
     files: list[Path] = []
     for pattern in [patterns] if isinstance(patterns, str | os.PathLike) else list(patterns):
@@ -162,7 +162,7 @@ def iter_texts(data_cfg: Mapping, cache_dir: str | os.PathLike | None = None) ->
             raise ValueError(
                 "data.source=local needs data.path (a .txt/.jsonl file, folder or glob); set data.path=..."
             )
-        for path in _local_files(data_cfg["path"]):
+        for path in local_files(data_cfg["path"]):
             if path.suffix == ".jsonl":
                 yield from _read_jsonl(path, text_field)
             else:

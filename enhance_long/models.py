@@ -160,15 +160,20 @@ def _from_pretrained(path: str, cfg: Mapping, dtype: torch.dtype | str, attentio
     return model, tokenizer
 
 
+def model_dtype(name: str | None):
+    """The torch dtype (or "auto") that ``model.dtype`` names; a name not in ``DTYPES`` is a one-line error."""
+    name = name or "auto"
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype={name!r} is not one of {list(DTYPES)}; set model.dtype=bfloat16 or so")
+    return DTYPES[name]
+
+
 def load_model(model_cfg: Mapping, attention: str = "sdpa") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the model and tokenizer `model_cfg` describes, with attention backend `attention`, in eval mode."""
     if isinstance(model_cfg, DictConfig) and OmegaConf.missing_keys(model_cfg):
         missing = sorted(OmegaConf.missing_keys(model_cfg))
         raise ValueError(f"model.{missing[0]} is required by this model option (???); set it: model.{missing[0]}=...")
-    dtype_name = model_cfg.get("dtype") or "auto"
-    if dtype_name not in DTYPES:
-        raise ValueError(f"model.dtype={dtype_name!r} is not one of {list(DTYPES)}; set model.dtype=bfloat16 or so")
-    dtype = DTYPES[dtype_name]
+    dtype = model_dtype(model_cfg.get("dtype"))
     check_backend(attention)  # before transformers, which would otherwise fetch a flash kernel from the hub
     path = model_cfg.get("path")
 

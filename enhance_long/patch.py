@@ -118,9 +118,8 @@ class DynamicRotary(nn.Module):
     chose for this forward (``plan.rope``); the consistent methods get the identity, and their attention rotates
     queries and keys itself (``consistent.py``), so the cache stores keys before RoPE."""
 
-    def __init__(self, stock: nn.Module, state: PatchState):
+    def __init__(self, state: PatchState):
         super().__init__()
-        self.stock = stock
         self.state = state
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +189,7 @@ def apply(model, rope: str = DEFAULT_ROPE, logn: bool = True, train_len: int | N
         views=method.views(settings.knobs) if method.views else None,
     )
     if method.dynamic:
-        owner.rotary_emb = DynamicRotary(rotary, state)
+        owner.rotary_emb = DynamicRotary(state)
     elif state.views is not None and state.views.rotary is not None:
         owner.rotary_emb = RemappedRotary(rotary, state.views.rotary)
     elif method.frequencies is not CATALOG["none"].frequencies:
@@ -236,6 +235,20 @@ def describe(model) -> dict[str, Any] | None:
         "logn_len": s.logn_len,
         "attention": state.backend,
     }
+
+
+_STATIC_ROPE_TYPES = {"default", "linear", "yarn", "llama3"}  # unpatched rope types that ignore the forward's length
+
+
+def prefix_exact(model) -> bool:
+    """Whether ``model`` computes a forward's first n positions exactly as a forward of just those n tokens (so a
+    prefix's KV cache, or its losses, can be reused): causal attention and frequencies that do not follow the length
+    of the whole forward (not dynamic NTK, nor the per_forward schedule)."""
+    info = describe(model)
+    if info is None:
+        rope = getattr(getattr(model, "config", None), "rope_parameters", None)
+        return rope is not None and rope.get("rope_type", "default") in _STATIC_ROPE_TYPES
+    return CATALOG[info["rope"]].prefix_exact(info)
 
 
 def attended_keys(model, cache, layer: int) -> torch.Tensor:

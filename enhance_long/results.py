@@ -39,6 +39,20 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
+def replace_cell_lines(path: Path, cell: dict, lines: list[dict]) -> None:
+    """Replace the lines of one cell (those whose fields equal ``cell``'s) in a JSONL side file such as a task's
+    ``predictions.jsonl`` by ``lines``, atomically: a killed job leaves the file whole."""
+    path = Path(path)
+    kept = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if any(record.get(key) != value for key, value in cell.items()):
+                kept.append(line)
+    kept += [json.dumps(line, ensure_ascii=False, default=str) for line in lines]
+    write_atomic(path, "".join(line + "\n" for line in kept))
+
+
 def cell_key(identity: Mapping[str, Any], cell: Mapping[str, Any]) -> str:
     """A stable 16-hex-digit hash of a run's identity plus one cell (order of dict keys does not matter)."""
     blob = json.dumps({"v": KEY_VERSION, "identity": identity, "cell": cell}, sort_keys=True, default=str)
@@ -101,9 +115,6 @@ class ResultStore:
 
     def keys(self) -> set[str]:
         return {row["key"] for row in self.rows}
-
-    def get(self, key: str) -> list[dict]:
-        return [row for row in self.rows if row["key"] == key]
 
     def put(self, key: str, rows: list[dict]) -> None:
         """Store the rows of one cell (replacing any earlier rows of it) and rewrite the file atomically."""

@@ -1,6 +1,7 @@
 """Weights & Biases logging, off by default (``logger=wandb`` turns it on).
 
-A run logs the resolved config, every cell as it is measured, and at the end the summary table, all rows and
+A run logs the resolved config, every cell as it is measured (each number named ``<method>/<cell>/<field>``, so
+cells of different datasets or RULER tasks never share a chart line), and at the end the summary table, all rows and
 the plots; its ``group`` is the sweep (``name``) and its ``job_type`` the task. ``WANDB_MODE=offline`` and
 ``disabled`` (or ``logger.mode=...``) work as usual. Every W&B call is guarded: if W&B is missing, not logged
 in or unreachable, a single warning is printed and the job goes on; local results never depend on it.
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
-import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from enhance_long.tasks.base import metrics
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +23,8 @@ log = logging.getLogger(__name__)
 class Tracker:
     """The no-op tracker (``logger=none``) and the interface the runner uses."""
 
-    def log_cell(self, rows: Sequence[dict]) -> None:
-        """Called after each measured cell with its rows."""
+    def log_cell(self, rows: Sequence[dict], cell: dict) -> None:
+        """Called after each measured cell with its summary rows."""
 
     def log_report(self, rows: Sequence[dict], table_md: str, images: Sequence[Path]) -> None:
         """Called once at the end of the job."""
@@ -45,19 +47,12 @@ class WandbTracker(Tracker):
             log.warning("W&B %s failed (%s: %s); going on without W&B", what, type(error).__name__, error)
             self.run = None
 
-    def log_cell(self, rows: Sequence[dict]) -> None:
-        self._guard("log", self._log_cell, rows)
+    def log_cell(self, rows: Sequence[dict], cell: dict) -> None:
+        self._guard("log", self._log_cell, rows, cell)
 
-    def _log_cell(self, rows: Sequence[dict]) -> None:
+    def _log_cell(self, rows: Sequence[dict], cell: dict) -> None:
         for row in rows:
-            if row.get("doc", "all") != "all":
-                continue
-            metrics = {
-                f"{row['method']}/{name}": value
-                for name, value in row.items()
-                if isinstance(value, numbers.Number) and not isinstance(value, bool) and name not in ("seconds",)
-            }
-            self.run.log({"ctx": row["ctx"], **metrics}, step=self.step)
+            self.run.log({"ctx": row["ctx"], **metrics(row, cell)}, step=self.step)
             self.step += 1
 
     def log_report(self, rows: Sequence[dict], table_md: str, images: Sequence[Path]) -> None:

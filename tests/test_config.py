@@ -11,7 +11,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 import enhance_long
 from enhance_long.config import ConfigError, job_dirname, validate
 from enhance_long.methods.catalog import knob_specs
-from enhance_long.runner import configured_method, methods_to_run, plan
+from enhance_long.runner import configured_variant, prepare_job, variants_to_run
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -67,7 +67,7 @@ def test_every_yaml_is_headed_by_the_command_that_uses_it():
 @pytest.mark.parametrize("alpha", [1, 4])
 def test_product_sweep_composes_and_passes_only_the_knobs_a_method_takes(rope, alpha):
     cfg = compose_config(f"rope={rope}", f"rope.alpha={alpha}", "ctx=8192")
-    method, ignored = configured_method(cfg, enhance_long.METHODS)
+    method, ignored = configured_variant(cfg, enhance_long.METHODS)
     assert set(method.knobs) == set(enhance_long.METHODS[rope])
     if rope == "none":
         assert method.knobs == {} and ignored == [f"rope.alpha={float(alpha)}"]
@@ -76,16 +76,16 @@ def test_product_sweep_composes_and_passes_only_the_knobs_a_method_takes(rope, a
 
 
 def test_jobs_differing_only_in_ignored_knobs_share_their_result_keys():
-    keys = [{key for _, _, key, _ in plan(compose_config("rope=none", f"rope.alpha={a}")).work} for a in (1, 2, 4)]
+    keys = [{item.key for item in prepare_job(compose_config("rope=none", f"rope.alpha={a}")).work} for a in (1, 2, 4)]
     assert keys[0] == keys[1] == keys[2]
-    other = {key for _, _, key, _ in plan(compose_config("rope=ntk", "rope.alpha=2")).work}
+    other = {item.key for item in prepare_job(compose_config("rope=ntk", "rope.alpha=2", "baseline=false")).work}
     assert not other & keys[0]
 
 
 def test_baseline_is_the_stock_model_and_is_not_doubled():
-    methods, _ = methods_to_run(compose_config("baseline=true"), enhance_long.METHODS)
+    methods, _ = variants_to_run(compose_config("baseline=true"), enhance_long.METHODS)
     assert [m.label for m in methods] == ["none", "consistent_ntk(alpha=2,bucket=256,schedule=per_query)+logn"]
-    methods, _ = methods_to_run(compose_config("baseline=true", "rope=none", "logn=off"), enhance_long.METHODS)
+    methods, _ = variants_to_run(compose_config("baseline=true", "rope=none", "logn=off"), enhance_long.METHODS)
     assert [m.label for m in methods] == ["none"]
 
 
@@ -171,16 +171,38 @@ def test_job_dirname_is_deterministic_and_safe():
 
 @pytest.mark.parametrize(
     "task,ctxs,trials",
-    [("perplexity", [8192, 12288, 16384, 24576], None), ("passkey", [8192, 16384], 1)],
+    [("perplexity", [8192, 16384, 24576, 32768], None), ("passkey", [16384], 1), ("ruler", [8192, 16384], None)],
 )
 def test_leaderboard_gives_each_task_its_own_lengths_and_knobs(task, ctxs, trials):
     from enhance_long.config import task_settings
 
-    cfg = task_settings(compose_config("experiment=leaderboard", f"task={task}", "rope=self_extend"))
+    cfg = task_settings(compose_config("experiment=leaderboard", f"task={task}", "variant=self_extend"))
     assert validate(cfg, list(enhance_long.METHODS)) == ctxs
-    assert (cfg.name, cfg.logn.enabled, cfg.rope.name) == ("leaderboard", False, "self_extend")
+    assert (cfg.name, cfg.logn.enabled, cfg.rope.name, cfg.baseline) == ("leaderboard", False, "self_extend", False)
     if trials is not None:
-        assert cfg.task.trials == trials and list(cfg.task.depths) == [0.1, 0.5]
+        assert cfg.task.trials == trials and list(cfg.task.depths) == [0.1, 0.3, 0.5, 0.7, 0.9]
+
+
+@pytest.mark.parametrize(
+    ("variant", "rope", "knobs", "logn"),
+    [
+        ("original", "consistent_ntk", {"schedule": "per_forward", "bucket": 1}, True),
+        ("consistent_ntk_logn", "consistent_ntk", {"schedule": "per_query", "bucket": 256}, True),
+        ("rerope_logn", "rerope", {"window": 2048}, True),
+        ("yarn", "yarn", {"factor": 2.0}, False),
+    ],
+)
+def test_variants_set_the_method_its_knobs_and_logn(variant, rope, knobs, logn):
+    cfg = compose_config(f"variant={variant}")
+    assert cfg.rope.name == rope and cfg.logn.enabled is logn
+    assert {k: cfg.rope[k] for k in knobs} == knobs
+
+
+def test_every_variant_composes_and_validates():
+    for path in sorted((CONF / "variant").glob("*.yaml")):
+        cfg = compose_config(f"variant={path.stem}")
+        assert validate(cfg) == [4096, 8192, 16384], path.stem
+        assert path.read_text().splitlines()[1].startswith(f"# python run.py variant={path.stem}"), path
 
 
 def test_per_task_overrides_must_be_config_keys():

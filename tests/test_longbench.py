@@ -118,7 +118,8 @@ def tiny_llama(tokenizer, train_len: int = 64):
 
 
 def task_cfg(path, datasets=("hotpotqa",), **overrides):
-    return OmegaConf.create(
+    return OmegaConf.merge(
+        OmegaConf.structured(lb.LongBenchConfig),
         {
             "name": "longbench",
             "datasets": list(datasets),
@@ -126,7 +127,7 @@ def task_cfg(path, datasets=("hotpotqa",), **overrides):
             "path": str(path),
             "chat_template": "auto",
             **overrides,
-        }
+        },
     )
 
 
@@ -147,19 +148,22 @@ class ScriptedModel:
         self.generation_config = SimpleNamespace(eos_token_id=1, pad_token_id=2)
 
     def generate(self, input_ids, **kwargs):
+        """The next scripted text, cut after its first stop id as ``generate`` stops there, then the EOS id 1."""
         self.calls.append({"input_ids": input_ids[0].tolist(), **kwargs})
-        new = self.tokenizer(self.outputs.pop(0), add_special_tokens=False)["input_ids"]
-        return torch.cat([input_ids, torch.tensor([new + [1]])], dim=1)
+        new = self.tokenizer(self.outputs.pop(0), add_special_tokens=False)["input_ids"] + [1]
+        stops = kwargs.get("eos_token_id") or [1]
+        new = new[: next(i for i, token in enumerate(new) if token in stops) + 1]
+        return torch.cat([input_ids, torch.tensor([new])], dim=1)
 
 
 # --- data and configuration ---------------------------------------------------------------------------------------
 
 
-def test_task_config_lists_the_seed_datasets():
+def test_task_config_lists_the_original_tools_datasets():
     cfg = OmegaConf.load(ROOT / "conf/task/longbench.yaml")
     assert cfg.name == lb.TASK.name == "longbench"
-    assert list(cfg.datasets) == lb.SEED_DATASETS
-    assert [lb.DATASETS[name].title for name in lb.SEED_DATASETS] == [
+    assert list(cfg.datasets) == lb.ORIGINAL_DATASETS
+    assert [lb.DATASETS[name].title for name in lb.ORIGINAL_DATASETS] == [
         "HotpotQA",
         "MuSiQue",
         "NarrativeQA",
@@ -175,12 +179,12 @@ def test_task_config_lists_the_seed_datasets():
     assert (cfg.max_samples, cfg.path, cfg.chat_template) == (None, None, "auto")
 
 
-def test_seed_experiment_composes_to_the_original_comparison():
-    from enhance_long.runner import plan
+def test_original_experiment_composes_to_the_original_comparison():
+    from enhance_long.runner import prepare_job
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
-            config_name="config", overrides=["experiment=seed_longbench", "ctx=8192"], return_hydra_config=True
+            config_name="config", overrides=["experiment=original_longbench", "ctx=8192"], return_hydra_config=True
         )
     assert (cfg.model.name, cfg.task.name, cfg.rope.alpha, cfg.hydra.sweeper.params.ctx) == (
         "llama2_7b_chat",
@@ -188,12 +192,12 @@ def test_seed_experiment_composes_to_the_original_comparison():
         2.0,
         "4096,8192,16384,32768",
     )
-    job = plan(cfg)
-    assert [method.label for method in job.methods] == [
+    job = prepare_job(cfg)
+    assert [variant.label for variant in job.variants] == [
         "none",
-        "consistent_ntk(alpha=2,bucket=256,schedule=per_query)+logn",
+        "consistent_ntk(alpha=2,bucket=1,schedule=per_forward)+logn",  # the original tool's own schedule
     ]
-    assert [cell for _, cell, _, _ in job.work[:11]] == [{"ctx": 8192, "dataset": name} for name in lb.SEED_DATASETS]
+    assert [item.cell for item in job.work[:11]] == [{"ctx": 8192, "dataset": name} for name in lb.ORIGINAL_DATASETS]
 
 
 def test_cells_are_ctx_by_dataset_and_refuse_chinese(data_dir):
@@ -341,7 +345,8 @@ def test_measure_scores_each_metric_family(dataset, output, expected, data_dir, 
     [row] = lb.TASK.measure(env, {"ctx": 4096, "dataset": dataset})
     assert row["score"] == pytest.approx(expected, abs=1e-9)
     [line] = read_predictions(tmp_path)
-    assert line["pred"] == output and line["score"] == pytest.approx(expected / 100, abs=1e-11)
+    said = output[: output.index("\n") + 1] if lb.DATASETS[dataset].stop_at_newline else output  # samsum stops
+    assert line["pred"] == said and line["score"] == pytest.approx(expected / 100, abs=1e-11)
     record = FIXTURE[dataset][0]
     prompt = lb.DATASETS[dataset].template.format(**record)
     assert model.calls[0]["input_ids"] == lb.encode_prompt(chat_tokenizer, prompt, chat=lb.DATASETS[dataset].chat)
@@ -381,28 +386,6 @@ def test_predictions_replace_a_remeasured_cell_and_keep_the_others(data_dir, tok
 # --- a real (tiny, random) model ------------------------------------------------------------------------------------
 
 
-def greedy_without_cache(model, ids, max_new_tokens, eos):
-    ids = list(ids)
-    start = len(ids)
-    for _ in range(max_new_tokens):
-        with torch.no_grad():
-            token = int(model(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax())
-        ids.append(token)
-        if token == eos:
-            break
-    return ids[start:]
-
-
-def test_greedy_generate_matches_greedy_decoding_without_cache(tokenizer):
-    model = tiny_llama(tokenizer)
-    ids = tokenizer("Passage 1: Zelbourne. Question:")["input_ids"]
-    expected = greedy_without_cache(model, ids, 24, eos=1)
-    assert lb.greedy_generate(model, tokenizer, ids, 24) == (
-        tokenizer.decode(expected, skip_special_tokens=True),
-        len(expected),
-    )
-
-
 def test_end_to_end_on_a_patched_tiny_llama(data_dir, tokenizer, tmp_path):
     model = enhance_long.apply(tiny_llama(tokenizer, train_len=64), rope="consistent_ntk", logn=True)
     datasets = list(FIXTURE)
@@ -425,6 +408,19 @@ def test_end_to_end_on_a_patched_tiny_llama(data_dir, tokenizer, tmp_path):
     assert sum(row["truncated"] for row in rows) >= 2  # the long hotpotqa record and gov_report at budget 88
 
 
+def test_batches_of_prompts_of_different_lengths_give_the_same_predictions_as_one_at_a_time(
+    data_dir, tokenizer, tmp_path
+):
+    model = enhance_long.apply(tiny_llama(tokenizer, train_len=64), rope="consistent_ntk", logn=True, bucket=8)
+    predictions = []
+    for batch_size, folder in ((1, tmp_path / "one"), (3, tmp_path / "three")):
+        folder.mkdir()
+        env = make_env(model, tokenizer, task_cfg(data_dir, list(FIXTURE), batch_size=batch_size), folder)
+        rows = [row for cell in lb.TASK.cells(env.cfg, [600]) for row in lb.TASK.measure(env, cell)]
+        predictions.append((rows, [(line["pred"], line["new_tokens"]) for line in read_predictions(folder)]))
+    assert predictions[0] == predictions[1]
+
+
 def test_predictions_of_the_stock_and_the_patched_model_are_kept_apart(data_dir, tokenizer, tmp_path):
     model = tiny_llama(tokenizer)
     env = make_env(model, tokenizer, task_cfg(data_dir), tmp_path)
@@ -441,14 +437,15 @@ def test_predictions_of_the_stock_and_the_patched_model_are_kept_apart(data_dir,
 
 
 def test_longbench_table_lays_out_settings_by_dataset():
-    enhanced = {"rope": "consistent_ntk", "alpha": 2.0, "logn": True}
+    enhanced = {"method": "consistent_ntk(alpha=2)+logn", "rope": "consistent_ntk", "alpha": 2.0, "logn": True}
+    stock = {"method": "none", "rope": "none", "alpha": None, "logn": False}
     rows = [
         {"ctx": 8192, "dataset": "trec", "score": 63.0, **enhanced},
-        {"ctx": 4096, "dataset": "hotpotqa", "score": 23.52, "rope": "none", "alpha": None, "logn": False},
-        {"ctx": 8192, "dataset": "hotpotqa", "score": 0.864, "rope": "none", "logn": False},
+        {"ctx": 4096, "dataset": "hotpotqa", "score": 23.52, **stock},
+        {"ctx": 8192, "dataset": "hotpotqa", "score": 0.864, **stock},
         {"ctx": 8192, "dataset": "hotpotqa", "score": 28.6449, **enhanced},
-        {"ctx": 4096, "dataset": "trec", "score": 55.0, "rope": "none", "logn": False},
-        {"ctx": 4096, "dataset": "trec", "score": 56.0, "rope": "none", "logn": False},  # a rerun: the last row wins
+        {"ctx": 4096, "dataset": "trec", "score": 55.0, **stock},
+        {"ctx": 4096, "dataset": "trec", "score": 56.0, **stock},  # a rerun: the last row wins
         {"ctx": 4096, "doc": "all", "ppl": 5.0, "task": "perplexity"},
     ]
     assert (

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from transformers import GenerationConfig
 
-from enhance_long.config import PasskeyConfig
+import enhance_long
 from enhance_long.models import load_model
 from enhance_long.tasks.base import TaskEnv
 from enhance_long.tasks.passkey import (
@@ -16,6 +17,7 @@ from enhance_long.tasks.passkey import (
     QUESTION,
     TASK,
     TASK_DESCRIPTION,
+    PasskeyConfig,
     build_prompt,
     first_number,
     passkey,
@@ -72,18 +74,21 @@ class ReadingModel(torch.nn.Module):
         super().__init__()
         self.tokenizer, self.blind_after = tokenizer, blind_after
         self.embed = torch.nn.Embedding(2, 2)
+        self.generation_config = GenerationConfig()
         self.prompt_lengths = []
 
     def get_input_embeddings(self):
         return self.embed
 
-    def generate(self, ids, attention_mask, generation_config):
-        assert generation_config.do_sample is False and attention_mask.shape == ids.shape
-        self.prompt_lengths.append(ids.shape[1])
-        key = re.search(r"pass key is (\d+)", self.tokenizer.decode(ids[0])).group(1)
-        answer = key if ids.shape[1] <= self.blind_after else "99999"
-        new = self.tokenizer(f" {answer}. Remember", add_special_tokens=False)["input_ids"]
-        return torch.cat([ids, torch.tensor([new])], dim=1)
+    def generate(self, input_ids, attention_mask, do_sample, **settings):
+        assert do_sample is False and attention_mask.shape == input_ids.shape
+        outputs = []
+        for ids in input_ids:
+            self.prompt_lengths.append(len(ids))
+            key = re.search(r"pass key is (\d+)", self.tokenizer.decode(ids)).group(1)
+            answer = key if len(ids) <= self.blind_after else "99999"
+            outputs.append(ids.tolist() + self.tokenizer(f" {answer}. Remember", add_special_tokens=False)["input_ids"])
+        return torch.tensor(outputs)
 
 
 def _env(model, tokenizer, tmp_path, **task):
@@ -112,3 +117,11 @@ def test_greedy_run_through_a_real_model(tmp_path):
     assert first == again  # greedy decoding and seeded keys: reproducible
     row = first[0]
     assert row["trials"] == 2 and 0.0 <= row["accuracy"] <= 1.0 and len(row["outputs"]) == 2
+
+
+def test_batches_give_the_same_answers_as_one_prompt_at_a_time(tmp_path):
+    model, tokenizer = load_model(OmegaConf.load(ROOT / "conf/model/tiny_random.yaml"), attention="sdpa")
+    enhance_long.apply(model, rope="consistent_ntk", bucket=8)
+    one = TASK.measure(_env(model, tokenizer, tmp_path, trials=4, max_new_tokens=6), {"ctx": 300, "depth": 0.5})
+    batched = _env(model, tokenizer, tmp_path, trials=4, max_new_tokens=6, batch_size=3)
+    assert TASK.measure(batched, {"ctx": 300, "depth": 0.5}) == one

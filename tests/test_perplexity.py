@@ -1,6 +1,7 @@
 """Perplexity: the window protocol, chunked loss against Hugging Face's own loss, cached == sliding, rows."""
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -8,12 +9,12 @@ import torch
 from omegaconf import OmegaConf
 
 import enhance_long
-from enhance_long.config import PerplexityConfig
 from enhance_long.models import load_model
 from enhance_long.tasks.base import TaskEnv
 from enhance_long.tasks.perplexity import (
     TASK,
     NLLTotals,
+    PerplexityConfig,
     first_scored,
     spread_windows,
     window_nll,
@@ -124,6 +125,37 @@ def test_measure_honours_the_window_budget_and_mode(tiny, tmp_path):
     assert [r["doc"] for r in sliding] == ["doc0.txt", "all"] and sliding[-1]["tokens"] == 127
     cached = TASK.measure(_env(tiny, tmp_path, max_windows=1, mode="cached", chunk=32), {"ctx": 128})
     assert math.isclose(cached[-1]["ppl"], sliding[-1]["ppl"], rel_tol=1e-4)
+
+
+def test_side_measures_score_the_same_windows_the_tail_alone_and_through_the_cache(tiny, tmp_path):
+    model, _ = tiny
+    env = _env(tiny, tmp_path, max_windows=2, tail_at=[128], tail_tokens=32, cached_at=[128], chunk=40)
+    rows = TASK.measure(env, {"ctx": 128})
+    corpus, windows = TASK.windows_for(env, 128)
+    for row, (doc, _, start) in zip(rows, windows, strict=False):
+        ids = corpus.docs[doc].ids[start : start + 128]
+        full = window_nll(model, ids, 1, 64)
+        assert math.isclose(row["tail_ppl"], math.exp(full[-31:].double().mean()), rel_tol=1e-6)
+        alone = window_nll(model, ids[-32:], 1, 64)
+        assert row["tail_alone_tokens"] == row["tail_tokens"] == 31
+        assert math.isclose(row["tail_alone_ppl"], math.exp(alone.double().mean()), rel_tol=1e-6)
+        assert math.isclose(row["cached_ppl"], math.exp(full.double().mean()), rel_tol=1e-4)  # stock: the same
+    assert rows[-1]["doc"] == "all" and rows[-1]["cached_tokens"] == sum(r["cached_tokens"] for r in rows[:-1])
+    plain = TASK.measure(_env(tiny, tmp_path, max_windows=2), {"ctx": 128})
+    assert "tail_ppl" not in plain[-1] and "cached_ppl" not in plain[-1]
+
+
+@pytest.mark.parametrize(
+    ("task", "message"),
+    [
+        ({"tail_at": [256]}, "task.tail_at has 256, which is not one of the lengths [128]"),
+        ({"cached_at": [64]}, "task.cached_at has 64, which is not one of the lengths [128]"),
+        ({"tail_at": [128], "tail_tokens": 128}, "task.tail_tokens=128 must be between 2 and the tail_at length 128"),
+    ],
+)
+def test_side_measures_at_lengths_the_job_does_not_measure_are_refused(tiny, tmp_path, task, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TASK.check(_env(tiny, tmp_path, **task).cfg, [128])
 
 
 def test_no_long_enough_document_is_a_one_line_error(tiny, tmp_path):

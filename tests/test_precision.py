@@ -65,7 +65,7 @@ def relative(x: torch.Tensor, reference: torch.Tensor) -> float:
 def rotated_as_the_model_rotates(keys: torch.Tensor, rope, dtype) -> torch.Tensor:
     """Unrotated ``keys`` (batch, heads, n, dim) rotated once at positions 0..n-1, as transformers rotates them: cos and
     sin formed in float32 and rounded to the model's dtype, then ``k * cos + rotate_half(k) * sin`` in that dtype."""
-    freqs = torch.arange(keys.shape[-2]).float()[:, None] * rope.inv_freq
+    freqs = torch.arange(keys.shape[-2], device=keys.device).float()[:, None] * rope.inv_freq.to(keys.device)
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = ((emb.cos() * rope.scale).to(dtype), (emb.sin() * rope.scale).to(dtype))
     half = keys.shape[-1] // 2

@@ -40,7 +40,9 @@ def test_consistent_ntk_keeps_smollm2_reading_past_its_trained_length(smollm2):
     stock = tail_perplexity(model, ids)
     enhance_long.apply(model)  # the default: consistent NTK, alpha 2, LogN on
     try:
-        torch.testing.assert_close(model(ids[:, :512]).logits, inside, rtol=0, atol=1e-4)
+        # The keys are rotated by the package, not by transformers' rotary: the cos/sin differ from stock by one
+        # float32 rounding, which on logits of size ~30 reaches 2e-4 on some CPUs. A wrong base moves them by >0.1.
+        torch.testing.assert_close(model(ids[:, :512]).logits, inside, rtol=0, atol=1e-3)
         enhanced = tail_perplexity(model, ids)
     finally:
         enhance_long.remove(model)

@@ -5,8 +5,11 @@ import json
 
 import pytest
 
-from enhance_long.report import labels, main, passkey_table, perplexity_table, write_report
+from enhance_long.report import main, write_report
 from enhance_long.results import ResultStore, cell_key, load_results
+from enhance_long.tables import labels
+from enhance_long.tasks.passkey import passkey_table
+from enhance_long.tasks.perplexity import perplexity_table
 
 
 def ppl_rows(method, rope, ctx, ppl, logn=False, **extra):

@@ -593,7 +593,7 @@ def test_config_composes_and_cells_are_ctx_by_task():
         (["task.threshold=0"], r"task.threshold=0.0 is outside \(0, 100\]; RULER's is 85.6"),
         (["task.threshold=101"], r"task.threshold=101.0 is outside \(0, 100\]"),
         (["task.chat_template=maybe"], r"task.chat_template='maybe'; choose one of \('auto', True, False\)"),
-        (["task.batch_size=4"], "task.batch_size=4; only 1 until batched generation lands"),
+        (["task.batch_size=0"], "task.batch_size=0 is invalid; it must be an integer >= 1"),
         (["ctx=100", "task.tasks=[cwe]"], "ctx=100 leaves no prompt for RULER's cwe, which generates 120 tokens"),
     ],
 )
@@ -620,6 +620,7 @@ class Parrot:
 
         class Config:
             pad_token_id = tokenizer.pad_token_id
+            eos_token_id = tokenizer.eos_token_id
 
         self.generation_config = Config()
 
@@ -683,6 +684,7 @@ def tiny_job(corpus, *extra):
         "progress=false",
         "task.samples=1",
         "task.tasks=[niah_single_2,vt,cwe,fwe]",
+        "baseline=false",
         *extra,
     )
 

@@ -30,7 +30,9 @@ def corpus(tmp_path_factory):
 
 
 def tiny_overrides(corpus, *extra):
-    return ["model=tiny_random", "data=local", f"data.path={corpus}", "ctxs=[64,128]", "progress=false", *extra]
+    """The tiny job: tiny random model, local text, short lengths, the configured method alone (baseline=false)."""
+    base = ["model=tiny_random", "data=local", f"data.path={corpus}", "ctxs=[64,128]", "progress=false"]
+    return [*base, "baseline=false", *extra]
 
 
 def compose_tiny(corpus, *extra):
@@ -207,3 +209,41 @@ def test_default_model_and_data_end_to_end(tmp_path):
         assert 2 < stock["ppl"] < 60 and stock["tokens"] == ctx - 1  # a real model on real English, one window
         assert abs(method["ppl"] - stock["ppl"]) < 1e-3 * stock["ppl"]
     assert "| none |" in (summary.parent / "table.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message", "before_loading"),
+    [
+        (["data.path=/nonexistent.txt"], "data.path='/nonexistent.txt' matches no file", True),
+        ([f"data.path={ROOT / 'docs' / 'leaderboard' / 'ppl_vs_length.png'}"], "not one of ['.txt', '.jsonl']", True),
+        (["model.dtype=float7"], "model.dtype='float7' is not one of", True),
+        (["attention=flash_attention_2"], 'attention="flash_attention_2" needs', True),
+        (["rope=yarn", "rope.factor=0.5"], "rope.factor=0.5 is invalid; it must be a number >= 1", True),
+        (["model=local", "model.path=/nonexistent"], "model.path='/nonexistent' is not a folder", False),
+    ],
+)
+def test_every_bad_value_ends_the_job_in_one_line_and_writes_nothing(
+    corpus, tmp_path, monkeypatch, overrides, message, before_loading
+):
+    if before_loading:
+        monkeypatch.setattr(enhance_long.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit) as error:
+        run(compose_tiny(corpus, *overrides), out_dir=tmp_path)
+    text = str(error.value)
+    assert text.startswith("enhance-long: ") and message in text and "\n" not in text
+    assert not (tmp_path / RESULTS).exists() and not (tmp_path / "summary.json").exists()
+
+
+def test_hydra_full_error_shows_the_traceback_instead(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ValueError, match="model.path='/nonexistent' is not a folder"):
+        run(compose_tiny(corpus, "model=local", "model.path=/nonexistent"), out_dir=tmp_path)
+
+
+def test_run_py_exits_with_status_1_and_one_line_on_a_bad_value(tmp_path):
+    result = run_cli(
+        "model=local", "model.path=/nonexistent", "progress=false", f"hydra.run.dir={tmp_path}", cwd=tmp_path
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("enhance-long: model.path='/nonexistent' is not a folder")
+    assert "Traceback" not in result.stderr

@@ -154,6 +154,13 @@ class Method:
     def knob(self, name: str) -> Knob:
         return next(knob for knob in self.knobs if knob.name == name)
 
+    def prefix_exact(self, knobs: dict) -> bool:
+        """Whether a forward's outputs at its first n positions equal those of a forward of just those n tokens:
+        true unless the frequencies follow the whole forward's length (dynamic NTK, the per_forward schedule)."""
+        if self.consistent:
+            return knobs.get("schedule", "per_query") == "per_query"
+        return not self.dynamic
+
 
 ALPHA = Knob("alpha", 2.0, "NTK scale: the base grows as alpha^(d/(d-2))", minimum=0.0, inclusive=False)
 FACTOR = Knob("factor", 2.0, "context stretch factor", minimum=1.0)
@@ -309,7 +316,7 @@ for _method in (
         _dynamic_ntk,
         dynamic=True,
         consistent=True,
-        does="the seed's method, fixed: each query and **every key it reads** use the base of the query's own length "
+        does="the original enhance-long's method, fixed: each query and **every key it reads** use the base of the query's own length "
         "(`schedule=per_forward`: of the forward's longest position, the original tool)",
         formula="dynamic NTK's base with L = i+1 per query (per row of a batch)",
         reach="any, degrading slowly",

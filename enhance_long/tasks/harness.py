@@ -53,6 +53,9 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from enhance_long.results import replace_cell_lines
+from enhance_long.tasks.base import Task
+
 INSTALL = 'pip install "enhance-long[lm_eval]"'
 SUPPORTED = ("0.4.9", "0.5")  # the harness versions this bridge drives: >= the first, < the second
 ON_OVERFLOW = ("refuse", "truncate")
@@ -372,14 +375,12 @@ def harness_table(rows: Iterable[dict]) -> str:
     """The harness's scores as Markdown: one line per (subtask, metric), one column per setting ("8192, <method>",
     model first when rows mix models), settings by model, length, then the stock model first. The last row for a
     (line, setting) wins; ``(N cut)`` marks documents the harness truncated (``task.on_overflow=truncate``)."""
-    from enhance_long.tasks.longbench import method_label
-
     rows = [row for row in rows if row.get("task", "lm_eval") == "lm_eval" and "metric" in row]
     models = list(dict.fromkeys(str(row.get("model")) for row in rows))
     versions = sorted({str(row["lm_eval"]) for row in rows if row.get("lm_eval")})
     cells: dict[tuple, dict[tuple, str]] = {}
     for row in rows:
-        method = method_label(row)
+        method = str(row["method"])
         setting = (models.index(str(row.get("model"))), int(row["ctx"]), method != "none", method)
         cells.setdefault((row["subtask"], _metric_label(row)), {})[setting] = _value_label(row)
     settings = sorted({setting for by_setting in cells.values() for setting in by_setting})
@@ -405,10 +406,11 @@ def harness_brief(rows: Sequence[dict]) -> str:
     return f"{name}: {metrics} over {headline[0]['samples']} samples"
 
 
-class LmEval:
+class LmEval(Task):
     """The ``lm_eval`` task: one cell per (ctx, harness task name); see the module docstring."""
 
     name = "lm_eval"
+    schema = LmEvalConfig
     uses_data = False  # the harness brings its own datasets
 
     def check(self, cfg: Any, ctxs: Sequence[int]) -> str:
@@ -420,14 +422,13 @@ class LmEval:
 
     def measure(self, env: Any, cell: dict) -> list[dict]:
         from enhance_long.patch import describe
-        from enhance_long.tasks.longbench import write_predictions
 
         ctx, name = int(cell["ctx"]), cell["harness_task"]
         results, request_tokens = evaluate(env, ctx, name)
         identity = {"ctx": ctx, "harness_task": name, "method": describe(env.model)}
         folder = Path(env.out_dir) / SAMPLES_DIR
         folder.mkdir(parents=True, exist_ok=True)
-        write_predictions(folder / f"{name}_{ctx}.jsonl", identity, sample_lines(results, request_tokens, identity))
+        replace_cell_lines(folder / f"{name}_{ctx}.jsonl", identity, sample_lines(results, request_tokens, identity))
         return result_rows(results, request_tokens, dict(cell))
 
     def table(self, rows: Iterable[dict]) -> str:

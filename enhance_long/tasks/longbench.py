@@ -27,15 +27,14 @@ import json
 import os
 import zipfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
-
 from enhance_long.patch import describe
-from enhance_long.tasks.base import TaskEnv
+from enhance_long.results import replace_cell_lines
+from enhance_long.tasks.base import Task, TaskEnv, require_positive
+from enhance_long.tasks.generation import greedy
 from enhance_long.tasks.longbench_metrics import sample_score
 
 HUB_REPO = "THUDM/LongBench"
@@ -66,7 +65,7 @@ _QASPER_RULES = (
 )
 _CODE = "Please complete the code given below. \n{context}"
 
-# The seed's 11 datasets first, in its table's order, then LongBench's other English datasets.
+# The original enhance-long's 11 datasets first, in its table's order, then LongBench's other English datasets.
 DATASETS: dict[str, Dataset] = {
     "hotpotqa": Dataset("HotpotQA", _MULTI_DOC_QA, 32),
     "musique": Dataset("MuSiQue", _MULTI_DOC_QA, 32),
@@ -152,7 +151,7 @@ DATASETS: dict[str, Dataset] = {
     ),
     "lcc": Dataset("LCC", _CODE + "Next line of code:\n", 64, chat=False),
 }
-SEED_DATASETS = list(DATASETS)[:11]
+ORIGINAL_DATASETS = list(DATASETS)[:11]
 CHINESE_DATASETS = frozenset({"multifieldqa_zh", "dureader", "vcsum", "lsht", "passage_retrieval_zh"})
 CHAT_TEMPLATE_CHOICES = ("auto", True, False)
 
@@ -252,64 +251,42 @@ def stop_token_ids(model, tokenizer, stop_at_newline: bool) -> list[int] | None:
     return [i for i in dict.fromkeys([*ids, tokenizer.eos_token_id, newline]) if i is not None]
 
 
-@torch.no_grad()
-def greedy_generate(model, tokenizer, ids: Sequence[int], max_new_tokens: int, eos_token_id=None) -> tuple[str, int]:
-    """Greedy decoding with the KV cache: the new tokens decoded without special tokens, and how many there are.
-    With an explicit ``eos_token_id`` at least one token is generated first (LongBench's ``min_length`` on SAMSum)."""
-    input_ids = torch.tensor([list(ids)], device=model.device)
-    pad = model.generation_config.pad_token_id
-    extra = {"eos_token_id": eos_token_id, "min_new_tokens": 1} if eos_token_id is not None else {}
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        do_sample=False,
-        num_beams=1,
-        max_new_tokens=max_new_tokens,
-        use_cache=True,
-        pad_token_id=pad if pad is not None else tokenizer.eos_token_id,
-        **extra,
-    )
-    new_tokens = output[0, input_ids.shape[1] :]
-    return tokenizer.decode(new_tokens, skip_special_tokens=True), len(new_tokens)
+@dataclass
+class LongBenchConfig:
+    """``task=longbench`` (``conf/task/longbench.yaml`` comments every key)."""
+
+    name: str = "longbench"
+    datasets: list[str] = field(default_factory=lambda: list(ORIGINAL_DATASETS))
+    max_samples: int | None = None  # the first N records of each dataset; None = all
+    path: str | None = None  # data.zip or the folder it unzips to; None = fetch data.zip from the hub
+    chat_template: Any = "auto"  # auto | true | false
+    batch_size: int = 1  # prompts per generate call, grouped by length
 
 
-def write_predictions(path: Path, cell: dict, lines: list[dict]) -> None:
-    """Replace the cell's lines in ``path`` (JSONL) by ``lines``, atomically: a killed job leaves the file whole."""
-    kept = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            if any(record.get(key) != value for key, value in cell.items()):
-                kept.append(line)
-    kept += [json.dumps(line, ensure_ascii=False) for line in lines]
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(temporary, path)
-
-
-def check_config(cfg: Any) -> None:
-    """Refuse bad ``task.*`` values before a model is loaded (the tokenizer-dependent checks come in ``measure``)."""
-    check_datasets(cfg.datasets)
-    if cfg.max_samples is not None and not (isinstance(cfg.max_samples, int) and cfg.max_samples >= 1):
-        raise ValueError(f"task.max_samples={cfg.max_samples!r}; use an integer >= 1, or null for every record")
-    if cfg.chat_template not in CHAT_TEMPLATE_CHOICES:
-        raise ValueError(f"task.chat_template={cfg.chat_template!r}; choose one of {CHAT_TEMPLATE_CHOICES}")
-    if cfg.path is not None and not Path(cfg.path).expanduser().exists():
-        raise ValueError(
-            f"task.path={cfg.path} does not exist; give LongBench's data.zip or the folder of "
-            f"<dataset>.jsonl files it unzips to, or task.path=null to fetch it from the hub"
-        )
-
-
-class LongBench:
+class LongBench(Task):
     """The ``longbench`` task: one cell per (ctx, dataset); see the module docstring."""
 
     name = "longbench"
+    schema = LongBenchConfig
     uses_data = False  # reads LongBench from task.path (or the hub), not from the data group
+
+    def check(self, cfg: Any, ctxs: Sequence[int]) -> None:
+        """Refuse bad ``task.*`` values before a model is loaded (the tokenizer-dependent checks come in ``measure``)."""
+        check_datasets(cfg.datasets)
+        if cfg.max_samples is not None and not (isinstance(cfg.max_samples, int) and cfg.max_samples >= 1):
+            raise ValueError(f"task.max_samples={cfg.max_samples!r}; use an integer >= 1, or null for every record")
+        if cfg.chat_template not in CHAT_TEMPLATE_CHOICES:
+            raise ValueError(f"task.chat_template={cfg.chat_template!r}; choose one of {CHAT_TEMPLATE_CHOICES}")
+        require_positive("task.batch_size", cfg.batch_size, "task.batch_size=4", integer=True)
+        if cfg.path is not None and not Path(cfg.path).expanduser().exists():
+            raise ValueError(
+                f"task.path={cfg.path} does not exist; give LongBench's data.zip or the folder of "
+                f"<dataset>.jsonl files it unzips to, or task.path=null to fetch it from the hub"
+            )
 
     def cells(self, cfg: Any, ctxs: Sequence[int]) -> list[dict]:
         """One cell per (ctx, dataset), after checking ``cfg`` (the ``task`` group)."""
-        check_config(cfg)
+        self.check(cfg, ctxs)
         return [{"ctx": int(ctx), "dataset": dataset} for ctx in ctxs for dataset in cfg.datasets]
 
     def records(self, env: TaskEnv, dataset: str) -> list[dict]:
@@ -335,13 +312,25 @@ class LongBench:
         method = describe(env.model)  # a job may measure several methods (baseline=true) into one predictions file
         chat = use_chat_template(env.cfg.chat_template, env.tokenizer, dataset)
         stop = stop_token_ids(env.model, env.tokenizer, spec.stop_at_newline)
+        prompts = [
+            encode_prompt(env.tokenizer, spec.template.format(context=r["context"], input=r["input"]), chat)
+            for r in records
+        ]
+        kept = [middle_truncate(ids, budget) for ids in prompts]
+        answers = greedy(
+            env.model,
+            env.tokenizer,
+            kept,
+            spec.max_new_tokens,
+            batch_size=env.cfg.batch_size,
+            eos_token_id=stop,
+            min_new_tokens=1 if stop is not None else 0,  # LongBench's min_length on SAMSum
+            desc=f"longbench {dataset} @ {ctx}",
+            progress=env.progress,
+        )
         lines = []
-        for record in tqdm(records, desc=f"longbench {dataset} @ {ctx}", disable=not env.progress):
-            prompt = spec.template.format(context=record["context"], input=record["input"])
-            ids = encode_prompt(env.tokenizer, prompt, chat)
-            kept = middle_truncate(ids, budget)
-            prediction, new_tokens = greedy_generate(env.model, env.tokenizer, kept, spec.max_new_tokens, stop)
-            score = sample_score(dataset, prediction, record["answers"], record.get("all_classes"))
+        for record, ids, fed, answer in zip(records, prompts, kept, answers, strict=True):
+            prediction = env.tokenizer.decode(answer, skip_special_tokens=True)
             lines.append(
                 {
                     "ctx": ctx,
@@ -353,13 +342,14 @@ class LongBench:
                     "all_classes": record.get("all_classes"),
                     "length": record.get("length"),
                     "prompt_tokens": len(ids),
-                    "input_tokens": len(kept),
-                    "new_tokens": new_tokens,
-                    "score": score,
+                    "input_tokens": len(fed),
+                    "new_tokens": len(answer),
+                    "score": sample_score(dataset, prediction, record["answers"], record.get("all_classes")),
                 }
             )
-        cell_identity = {"ctx": ctx, "dataset": dataset, "method": method}
-        write_predictions(Path(env.out_dir) / "predictions.jsonl", cell_identity, lines)
+        replace_cell_lines(
+            Path(env.out_dir) / "predictions.jsonl", {"ctx": ctx, "dataset": dataset, "method": method}, lines
+        )
         return [
             {
                 "ctx": ctx,
@@ -370,6 +360,13 @@ class LongBench:
             }
         ]
 
+    def brief(self, rows: Sequence[dict]) -> str:
+        row = rows[-1]
+        return f"{row['dataset']} @ {row['ctx']}: {row['score']:.2f} over {row['samples']} samples ({row['truncated']} cut)"
+
+    def table(self, rows: Sequence[dict]) -> str:
+        return longbench_table(rows)
+
 
 TASK = LongBench()
 
@@ -378,28 +375,15 @@ def _ctx_label(ctx: int) -> str:
     return f"{ctx // 1024}k" if ctx % 1024 == 0 else str(ctx)
 
 
-def method_label(row: dict) -> str:
-    """A result row's method: the runner's ``method`` label, else one built from ``rope``, ``alpha`` and ``logn``
-    ("none" without ``rope``)."""
-    if row.get("method"):
-        return str(row["method"])
-    rope = row.get("rope") or "none"
-    label = str(rope)
-    alpha = row.get("alpha")
-    if rope != "none" and alpha is not None:
-        label += f"(alpha={alpha:g})" if isinstance(alpha, int | float) else f"(alpha={alpha})"
-    return label + ("+logn" if row.get("logn") else "")
-
-
 def longbench_table(rows: Iterable[dict]) -> str:
     """LongBench scores (x100) as Markdown: one line per setting ("8k, <method>", model first when rows mix
-    models), one column per dataset in the seed's order; lines by model, length, then the stock model first.
+    models), one column per dataset in the original tool's order; lines by model, length, then the stock model first.
     The last row for a (setting, dataset) wins; rows of other tasks are ignored."""
     rows = [row for row in rows if row.get("task", "longbench") == "longbench" and row.get("dataset") in DATASETS]
     models = list(dict.fromkeys(str(row.get("model")) for row in rows))
     scores: dict[tuple, dict[str, float]] = {}
     for row in rows:
-        method = method_label(row)
+        method = str(row["method"])
         key = (models.index(str(row.get("model"))), int(row["ctx"]), method != "none", method)
         scores.setdefault(key, {})[row["dataset"]] = float(row["score"])
     columns = [name for name in DATASETS if any(name in by_dataset for by_dataset in scores.values())]

@@ -14,15 +14,18 @@ and its KV cache, and counts an answer correct when the first number in the outp
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-import torch
-from tqdm.auto import tqdm
-from transformers import GenerationConfig
-
-from enhance_long.tasks.base import TaskEnv
+from enhance_long.plots import Panel, heatmaps
+from enhance_long.tables import describe_rows, grid_table, labels, ordered_labels
+from enhance_long.tasks.base import Task, TaskEnv, require_positive
+from enhance_long.tasks.generation import greedy, leading_special
 
 TASK_DESCRIPTION = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -31,6 +34,18 @@ TASK_DESCRIPTION = (
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
+
+
+@dataclass
+class PasskeyConfig:
+    """``task=passkey`` (``conf/task/passkey.yaml`` comments every key)."""
+
+    name: str = "passkey"
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    trials: int = 5
+    key_digits: int = 5
+    max_new_tokens: int = 8
+    batch_size: int = 1  # prompts per generate call (all prompts of a length have the same length: no padding)
 
 
 def passkey(seed: int, ctx: int, depth: float, trial: int, digits: int) -> str:
@@ -43,16 +58,9 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _leading_special(tokenizer) -> list[int]:
-    """The ids the tokenizer puts before a text on its own (Llama's BOS), so the prompt starts as usual."""
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    plain = _encode(tokenizer, "a")
-    return with_special[: len(with_special) - len(plain)] if with_special[-len(plain) :] == plain else []
-
-
 def build_prompt(tokenizer, ctx: int, depth: float, key: str) -> list[int]:
     """Token ids of a passkey prompt of exactly ``ctx`` tokens with ``key`` at ``depth`` (0 = first, 1 = last)."""
-    head = _leading_special(tokenizer) + _encode(tokenizer, TASK_DESCRIPTION)
+    head = leading_special(tokenizer) + _encode(tokenizer, TASK_DESCRIPTION)
     needle = _encode(tokenizer, NEEDLE.format(key=key))
     question = _encode(tokenizer, QUESTION)
     budget = ctx - len(head) - len(needle) - len(question)
@@ -74,32 +82,47 @@ def first_number(text: str) -> str | None:
     return match.group() if match else None
 
 
-class Passkey:
+class Passkey(Task):
     name = "passkey"
+    schema = PasskeyConfig
     uses_data = False  # the prompt is built in code; data=... does not change the result
 
+    def check(self, cfg: Any, ctxs: Sequence[int]) -> None:
+        if not cfg.depths:
+            raise ValueError("task.depths=[] measures nothing; give depths in [0, 1], e.g. task.depths=[0,0.5,1]")
+        for depth in cfg.depths:
+            if not 0 <= depth <= 1:
+                raise ValueError(
+                    f"task.depths has {depth}; a depth is a fraction of the filler in [0, 1], e.g. task.depths=[0,0.5,1]"
+                )
+        require_positive("task.trials", cfg.trials, "task.trials=5", integer=True)
+        require_positive("task.batch_size", cfg.batch_size, "task.batch_size=4", integer=True)
+        if not 1 <= cfg.key_digits <= 32:
+            raise ValueError(f"task.key_digits={cfg.key_digits} is invalid; use 1 to 32 digits, e.g. task.key_digits=5")
+        if cfg.max_new_tokens < 1:
+            raise ValueError(f"task.max_new_tokens={cfg.max_new_tokens} is invalid; it must be >= 1, e.g. 8")
+
     def cells(self, cfg, ctxs: Sequence[int]) -> list[dict]:
+        self.check(cfg, ctxs)
         return [{"ctx": int(ctx), "depth": float(depth)} for ctx in ctxs for depth in cfg.depths]
 
-    @torch.inference_mode()
     def measure(self, env: TaskEnv, cell: dict) -> list[dict]:
-        cfg, model, tokenizer = env.cfg, env.model, env.tokenizer
+        cfg, tokenizer = env.cfg, env.tokenizer
         ctx, depth = cell["ctx"], cell["depth"]
-        generation = GenerationConfig(
-            do_sample=False,
-            max_new_tokens=cfg.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        keys = [passkey(env.seed, ctx, depth, trial, cfg.key_digits) for trial in range(cfg.trials)]
+        prompts = [build_prompt(tokenizer, ctx, depth, key) for key in keys]
+        answers = greedy(
+            env.model,
+            tokenizer,
+            prompts,
+            cfg.max_new_tokens,
+            batch_size=cfg.batch_size,
             eos_token_id=tokenizer.eos_token_id,
+            desc=f"passkey ctx={ctx} depth={depth:g}",
+            reuse_prefix=True,  # the trials share the prompt up to the needle: prefilled once where exact
+            progress=env.progress,
         )
-        device = model.get_input_embeddings().weight.device
-        keys, outputs = [], []
-        bar = tqdm(range(cfg.trials), desc=f"passkey ctx={ctx} depth={depth:g}", disable=not env.progress, leave=False)
-        for trial in bar:
-            key = passkey(env.seed, ctx, depth, trial, cfg.key_digits)
-            ids = torch.tensor([build_prompt(tokenizer, ctx, depth, key)], device=device)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=generation)
-            keys.append(key)
-            outputs.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+        outputs = [tokenizer.decode(answer, skip_special_tokens=True) for answer in answers]
         correct = sum(first_number(text) == key for key, text in zip(keys, outputs, strict=True))
         return [
             {
@@ -112,5 +135,36 @@ class Passkey:
             }
         ]
 
+    def brief(self, rows: Sequence[dict]) -> str:
+        row = rows[-1]
+        return f"accuracy={row['accuracy']:.2f} ({row['correct']}/{row['trials']})"
+
+    def table(self, rows: Sequence[dict]) -> str:
+        return passkey_table(rows)
+
+    def plots(self, rows: Sequence[dict], out_dir: Path) -> list[Path]:
+        return [plot_passkey_heatmap(rows, Path(out_dir) / "passkey_heatmap.png")] if rows else []
+
 
 TASK = Passkey()
+
+
+def passkey_table(rows: Sequence[dict]) -> str:
+    """Methods x lengths of passkey accuracy, averaged over depths."""
+    title = f"### Passkey accuracy, mean over depths ({describe_rows(rows)})"
+    return grid_table(rows, "accuracy", title, cell=lambda values: f"{100 * sum(values) / len(values):.0f}%")
+
+
+def plot_passkey_heatmap(rows: Sequence[dict], path: Path) -> Path:
+    """Accuracy per depth and length, one panel per method."""
+    label_of = labels(rows)
+    ctxs = sorted({r["ctx"] for r in rows})
+    depths = sorted({r["depth"] for r in rows})
+    panels = []
+    for label in ordered_labels(rows, label_of):
+        grid = [[math.nan] * len(ctxs) for _ in depths]
+        for r in rows:
+            if label_of[r["key"]] == label:
+                grid[depths.index(r["depth"])][ctxs.index(r["ctx"])] = r["accuracy"]
+        panels.append(Panel(label, [f"{d:g}" for d in depths], ctxs, grid))
+    return heatmaps(panels, path, 1.0, lambda v: f"{100 * v:.0f}", "context length", "depth", "accuracy")

@@ -15,10 +15,15 @@ The loss is computed from the decoder's final hidden states, ``chunk`` positions
 token inside its window (``buckets`` equal ranges of [0, ctx)), which shows *where* a method breaks.
 
 Scoring several lengths in one job shares forwards where that is exact: unless the method's frequencies follow the
-length of the whole forward (``dynamic_ntk``, transformers' own ``dynamic``), a window's losses on its first ``n``
+length of the whole forward (``dynamic_ntk``, transformers' own ``dynamic``, ``schedule=per_forward``), a window's losses on its first ``n``
 tokens are those of the window of ``n`` tokens at the same start, so one forward at the longest length scores every
 shorter window with that start (``max_windows=1``: one forward per job instead of one per length). Rows say so in
 ``from_ctx``.
+
+Side measures on the same windows, in the same rows: at the lengths of ``tail_at``, the last ``tail_tokens`` tokens of
+each window are scored again in a window of their own (``tail_ppl`` with the whole window before them,
+``tail_alone_ppl`` alone: their ratio says whether the method uses the far context); at the lengths of ``cached_at``
+each window is also fed through the KV cache, ``chunk`` tokens per forward (``cached_ppl``).
 
 ``mode=cached`` feeds each window through a ``DynamicCache`` instead: a ``prefill`` forward, then ``chunk`` tokens
 per forward. Static methods score the same either way; ``dynamic_ntk`` (keys keep the base they were written
@@ -32,14 +37,35 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-import enhance_long
-from enhance_long.tasks.base import TaskEnv
+from enhance_long.patch import prefix_exact
+from enhance_long.plots import figure, save, styles
+from enhance_long.tables import describe_rows, grid, grid_table, labels, ordered_labels, perplexity_text
+from enhance_long.tasks.base import Task, TaskEnv, require_positive
+
+
+@dataclass
+class PerplexityConfig:
+    """``task=perplexity`` (``conf/task/perplexity.yaml`` comments every key)."""
+
+    name: str = "perplexity"
+    mode: str = "sliding"  # sliding | cached
+    stride: int | None = None  # None = ctx (non-overlapping windows)
+    max_windows: int | None = 1  # per length, round-robin over documents; None = every full window
+    min_tokens: int | None = None  # documents shorter than max(ctx, min_tokens) are skipped
+    buckets: int = 8  # position buckets over [0, ctx)
+    chunk: int = 1024  # positions per lm_head call, and per forward in mode=cached
+    prefill: int | None = None  # mode=cached: tokens in the first forward; None = chunk
+    tail_at: list[int] = field(default_factory=list)  # lengths whose windows' last tail_tokens are also scored alone
+    tail_tokens: int = 8192  # the tail the "helps" ratio compares: read with the whole window vs in its own window
+    cached_at: list[int] = field(default_factory=list)  # lengths whose windows are also scored through the KV cache
 
 
 def window_starts(n_tokens: int, ctx: int, stride: int) -> list[int]:
@@ -74,6 +100,7 @@ class NLLTotals:
     tokens: int = 0
     bucket_nll: list[float] = field(default_factory=list)
     bucket_tokens: list[int] = field(default_factory=list)
+    sides: dict[str, list] = field(default_factory=dict)  # name -> [NLL sum, tokens] of a side measure (tail, cached)
 
     def __post_init__(self):
         self.bucket_nll = self.bucket_nll or [0.0] * self.buckets
@@ -91,12 +118,22 @@ class NLLTotals:
             self.bucket_nll[b] += float(sums[b])
             self.bucket_tokens[b] += int(counts[b])
 
+    def add_side(self, name: str, nll: torch.Tensor) -> None:
+        """Add NLL values of a side measure: other tokens or another way of feeding them (``<name>_ppl`` in rows)."""
+        total = self.sides.setdefault(name, [0.0, 0])
+        total[0] += float(nll.double().sum())
+        total[1] += nll.numel()
+
     def merge(self, other: NLLTotals) -> None:
         self.nll += other.nll
         self.tokens += other.tokens
         for b in range(self.buckets):
             self.bucket_nll[b] += other.bucket_nll[b]
             self.bucket_tokens[b] += other.bucket_tokens[b]
+        for name, (nll, tokens) in other.sides.items():
+            total = self.sides.setdefault(name, [0.0, 0])
+            total[0] += nll
+            total[1] += tokens
 
     def row(self) -> dict:
         """``ppl``, ``tokens``, ``nll`` and the per-bucket breakdown (``ppl`` None for an empty bucket)."""
@@ -114,6 +151,8 @@ class NLLTotals:
                 }
                 for b in range(self.buckets)
             ],
+            **{f"{name}_ppl": math.exp(nll / tokens) for name, (nll, tokens) in self.sides.items()},
+            **{f"{name}_tokens": tokens for name, (_, tokens) in self.sides.items()},
         }
 
 
@@ -157,36 +196,60 @@ def window_nll_cached(model, ids: torch.Tensor, first: int, chunk: int, prefill:
     return torch.cat(pieces)
 
 
-# rope types of an unpatched model whose frequencies do not depend on the length of the forward
-_STATIC_ROPE_TYPES = {"default", "linear", "yarn", "llama3"}
-
-
-def prefix_invariant(model) -> bool:
-    """Whether the model scores a prefix of a window exactly as it scores that prefix alone: causal attention, and
-    RoPE frequencies that depend on each query's position, not on how long the whole forward is."""
-    from enhance_long.methods.catalog import CATALOG
-
-    info = enhance_long.describe(model)
-    if info is None:
-        rope = getattr(model.config, "rope_parameters", None) or {}
-        return rope.get("rope_type", "default") in _STATIC_ROPE_TYPES
-    spec = CATALOG[info["rope"]]
-    return spec.consistent or not spec.dynamic
-
-
-class Perplexity:
+class Perplexity(Task):
     name = "perplexity"
+    schema = PerplexityConfig
+
+    def check(self, cfg: Any, ctxs: Sequence[int]) -> None:
+        if cfg.mode not in ("sliding", "cached"):
+            raise ValueError(f"task.mode={cfg.mode} is unknown; choose sliding or cached (e.g. task.mode=cached)")
+        require_positive("task.stride", cfg.stride, "task.stride=1024", integer=True)
+        if cfg.stride is not None and cfg.stride > min(ctxs):
+            raise ValueError(
+                f"task.stride={cfg.stride} is larger than ctx={min(ctxs)}, which would skip tokens; "
+                f"use task.stride<={min(ctxs)}, or null for stride=ctx"
+            )
+        require_positive("task.max_windows", cfg.max_windows, "task.max_windows=4", integer=True)
+        require_positive("task.min_tokens", cfg.min_tokens, "task.min_tokens=16384", integer=True)
+        require_positive("task.buckets", cfg.buckets, "task.buckets=8", integer=True)
+        require_positive("task.chunk", cfg.chunk, "task.chunk=1024", integer=True)
+        require_positive("task.prefill", cfg.prefill, "task.prefill=4096", integer=True)
+        if cfg.buckets > min(ctxs):
+            raise ValueError(f"task.buckets={cfg.buckets} exceeds ctx={min(ctxs)}; use task.buckets<={min(ctxs)}")
+        for knob in ("tail_at", "cached_at"):
+            for length in cfg[knob]:
+                if length not in ctxs:
+                    raise ValueError(
+                        f"task.{knob} has {length}, which is not one of the lengths {list(ctxs)}; add it to ctxs or drop it"
+                    )
+        for length in cfg.tail_at:
+            if not 2 <= cfg.tail_tokens < length:
+                raise ValueError(
+                    f"task.tail_tokens={cfg.tail_tokens} must be between 2 and the tail_at length {length} "
+                    f"(exclusive), e.g. task.tail_tokens={length // 4}"
+                )
+        if cfg.mode == "cached" and cfg.cached_at:
+            raise ValueError(
+                "task.cached_at scores windows through the cache beside mode=sliding; with mode=cached drop it"
+            )
 
     def cells(self, cfg, ctxs: Sequence[int]) -> list[dict]:
+        self.check(cfg, ctxs)
         return [{"ctx": int(ctx)} for ctx in ctxs]
 
+    def header(self, cfg: Any) -> list[str]:
+        budget = f"max_windows={cfg.max_windows} per length" if cfg.max_windows else "every full window"
+        lines = [f"  windows: stride={cfg.stride or 'ctx'}, {budget}, mode={cfg.mode}"]
+        if cfg.max_windows:
+            lines.append("  (a sample that keeps a CPU run short; task.max_windows=null scores every window)")
+        return lines
+
     def prepare(self, env: TaskEnv, cells: Sequence[dict]) -> None:
-        """Called by the runner before it measures ``cells`` on a freshly patched model: lengths to share forwards
-        between (see the module docstring), and no losses kept from the previous method."""
+        """Lengths to share forwards between (see the module docstring), and no losses kept from the last method."""
         env.cache["perplexity.pending"] = sorted({int(cell["ctx"]) for cell in cells})
         env.cache["perplexity.losses"] = {}
 
-    def plan(self, env: TaskEnv, ctx: int):
+    def windows_for(self, env: TaskEnv, ctx: int):
         """The corpus for ``ctx`` and its windows ``(doc, window index, start)``."""
         cfg = env.cfg
         corpus = self.documents(env, max(ctx, cfg.min_tokens or 0))  # one-line ValueError when none is long enough
@@ -199,25 +262,24 @@ class Perplexity:
         pending = env.cache.get("perplexity.pending", [])
         if env.cfg.mode != "sliding" or not any(other > ctx for other in pending):
             return ctx
-        if not prefix_invariant(env.model):
+        if not prefix_exact(env.model):
             return ctx
         for longer in sorted((other for other in pending if other > ctx), reverse=True):
-            corpus, windows = self.plan(env, longer)
+            corpus, windows = self.windows_for(env, longer)
             if any(corpus.docs[d].name == doc and s == start for d, _, s in windows):
                 return longer
         return ctx
 
-    def losses(self, env: TaskEnv, ids: torch.Tensor, ctx: int, doc: str, start: int) -> tuple[torch.Tensor, int]:
-        """NLL of label positions ``1 .. ctx-1`` of the window of ``doc`` at ``start``, and the length whose forward
-        gave it (kept for the shorter pending lengths that share it)."""
-        longest = self.host(env, ctx, doc, start)
+    def losses(self, env: TaskEnv, ids: torch.Tensor, ctx: int, doc: str, start: int, longest: int) -> torch.Tensor:
+        """NLL of label positions ``1 .. ctx-1`` of the window of ``doc`` at ``start``, read off the forward of
+        ``longest`` tokens from the same start (kept for the shorter pending lengths that share it)."""
         kept = env.cache.setdefault("perplexity.losses", {})
         if (doc, start, longest) not in kept:
             if longest != ctx:
-                corpus, _ = self.plan(env, longest)
+                corpus, _ = self.windows_for(env, longest)
                 ids = next(d.ids for d in corpus.docs if d.name == doc)[start : start + longest]
             kept[(doc, start, longest)] = window_nll(env.model, ids, 1, env.cfg.chunk)
-        return kept[(doc, start, longest)][: ctx - 1], longest
+        return kept[(doc, start, longest)][: ctx - 1]
 
     def documents(self, env: TaskEnv, min_tokens: int):
         """The corpus with documents of at least ``min_tokens`` tokens, loaded once per job and length floor."""
@@ -231,10 +293,10 @@ class Perplexity:
     def measure(self, env: TaskEnv, cell: dict) -> list[dict]:
         cfg, ctx = env.cfg, cell["ctx"]
         stride = cfg.stride or ctx
-        corpus, plan = self.plan(env, ctx)
+        corpus, windows = self.windows_for(env, ctx)
         totals = [NLLTotals(ctx, cfg.buckets) for _ in corpus.docs]
         hosts = set()
-        bar = tqdm(plan, desc=f"perplexity ctx={ctx}", unit="window", disable=not env.progress, leave=False)
+        bar = tqdm(windows, desc=f"perplexity ctx={ctx}", unit="window", disable=not env.progress, leave=False)
         for doc_index, window_index, start in bar:
             doc = corpus.docs[doc_index]
             ids = doc.ids[start : start + ctx]
@@ -242,22 +304,94 @@ class Perplexity:
             if cfg.mode == "cached":
                 nll = window_nll_cached(env.model, ids, first, cfg.chunk, cfg.prefill or cfg.chunk)
             else:
-                nll, host = self.losses(env, ids, ctx, doc.name, start)
-                nll = nll[first - 1 :]
+                host = self.host(env, ctx, doc.name, start)
+                if host != ctx:  # label the bar by the forward it runs, which the shorter lengths then read
+                    bar.set_description(f"perplexity ctx={host} (for ctx={ctx} too)")
+                nll = self.losses(env, ids, ctx, doc.name, start, host)[first - 1 :]
                 hosts.add(host)
             totals[doc_index].add(nll, torch.arange(first, ctx))
+            if ctx in cfg.cached_at:
+                totals[doc_index].add_side("cached", window_nll_cached(env.model, ids, first, cfg.chunk, cfg.chunk))
+            if ctx in cfg.tail_at:  # the same tokens with the whole window before them, and in a window of their own
+                tail = cfg.tail_tokens
+                totals[doc_index].add_side("tail", nll[-(tail - 1) :])
+                totals[doc_index].add_side("tail_alone", window_nll(env.model, ids[ctx - tail :], 1, cfg.chunk))
             bar.set_postfix(doc=corpus.docs[doc_index].name, ppl=f"{math.exp(nll.double().mean()):.2f}")
         rows, total = [], NLLTotals(ctx, cfg.buckets)
-        windows = Counter(doc_index for doc_index, _, _ in plan)
+        counts = Counter(doc_index for doc_index, _, _ in windows)
         for doc_index, (doc, doc_totals) in enumerate(zip(corpus.docs, totals, strict=True)):
-            if windows[doc_index]:
+            if counts[doc_index]:
                 total.merge(doc_totals)
-                rows.append({**cell, "doc": doc.name, "windows": windows[doc_index], **doc_totals.row()})
+                rows.append({**cell, "doc": doc.name, "windows": counts[doc_index], **doc_totals.row()})
         rows.append(
-            {**cell, "doc": "all", "docs": len(rows), "windows": len(plan), "skipped": corpus.skipped, **total.row()}
+            {**cell, "doc": "all", "docs": len(rows), "windows": len(windows), "skipped": corpus.skipped, **total.row()}
         )
         shared = max(hosts, default=ctx)
         return [{**row, "from_ctx": shared} for row in rows] if shared != ctx else rows
 
+    def summary(self, rows: Sequence[dict]) -> list[dict]:
+        return [row for row in rows if row.get("doc", "all") == "all"]
+
+    def brief(self, rows: Sequence[dict]) -> str:
+        row = self.summary(rows)[-1]
+        return f"ppl={row['ppl']:.3f} over {row['tokens']} tokens"
+
+    def table(self, rows: Sequence[dict]) -> str:
+        return perplexity_table(rows)
+
+    def plots(self, rows: Sequence[dict], out_dir: Path) -> list[Path]:
+        rows = self.summary(rows)
+        if not rows:
+            return []
+        return [plot_ppl_vs_length(rows, Path(out_dir) / "ppl_vs_length.png"), *plot_ppl_by_position(rows, out_dir)]
+
 
 TASK = Perplexity()
+
+
+def perplexity_table(rows: Sequence[dict]) -> str:
+    """Methods x lengths of the aggregate perplexity (lower is better)."""
+    rows = TASK.summary(rows)
+    title = f"### Perplexity (lower is better; {describe_rows(rows)})"
+    return grid_table(rows, "ppl", title, cell=lambda values: perplexity_text(values[-1]))
+
+
+def plot_ppl_vs_length(rows: Sequence[dict], path: Path) -> Path:
+    order, ctxs, cells = grid(rows, "ppl")
+    fig, axes = figure(1, width=6.5, height=4.5)
+    ax = axes[0][0]
+    style = styles(order)
+    for label in order:
+        points = [(c, cells[(label, c)][-1]) for c in ctxs if (label, c) in cells]
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=label, **style[label])
+    ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity")
+    ax.set_xticks(ctxs, [str(c) for c in ctxs])
+    ax.set_title(f"Perplexity vs length ({describe_rows(rows)})", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return save(fig, path)
+
+
+def plot_ppl_by_position(rows: Sequence[dict], out_dir: Path) -> list[Path]:
+    """Perplexity per position bucket, one panel per length (``ppl_by_position.png``)."""
+    rows = [row for row in rows if row.get("buckets")]
+    if not rows:
+        return []
+    label_of = labels(rows)
+    order = ordered_labels(rows, label_of)
+    ctxs = sorted({row["ctx"] for row in rows})
+    fig, axes = figure(len(ctxs))
+    style = styles(order)
+    for ax, ctx in zip(axes[0], ctxs, strict=True):
+        for label in order:
+            matching = [r for r in rows if r["ctx"] == ctx and label_of[r["key"]] == label]
+            if not matching:
+                continue
+            buckets = [b for b in matching[-1]["buckets"] if b["ppl"] is not None]
+            ax.plot(
+                [b["end"] for b in buckets], [b["ppl"] for b in buckets], label=label, **{**style[label], "marker": "."}
+            )
+        ax.set(yscale="log", xlabel="position in window (bucket end, tokens)", ylabel="perplexity", title=f"ctx={ctx}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    return [save(fig, Path(out_dir) / "ppl_by_position.png")]

@@ -46,27 +46,26 @@ Deliberate differences:
   not use (vt with the essay haystack or several chains, other fwe exponents).
 
 Cheaper where exact: samples of one cell share the leading ids of their prompts (chat head, template head, the
-haystack up to the first needle); each row's ``prefix_reuse`` is the share of the cell's prefill a prefix KV cache
-would skip. Reuse is not implemented yet: :func:`generate` prefills every prompt whole.
+haystack up to the first needle); where the method scores a prefix as it scores it alone (every method but
+``dynamic_ntk`` and the ``per_forward`` schedule), that prefix is prefilled once per cell and each sample continues
+from a copy of its KV cache (``tasks/generation.py``). Each row's ``prefix_reuse`` is the share of the cell's prefill
+that saves.
 """
 
 from __future__ import annotations
 
 import functools
-import io
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from enhance_long.patch import describe
-from enhance_long.results import write_atomic
-from enhance_long.tasks.base import TaskEnv
-from enhance_long.tasks.longbench import greedy_generate, method_label, write_predictions
-from enhance_long.tasks.passkey import _leading_special
+from enhance_long.plots import Panel, heatmaps
+from enhance_long.results import replace_cell_lines
+from enhance_long.tasks.base import Task, TaskEnv, require_positive
+from enhance_long.tasks.generation import greedy, leading_special
 from enhance_long.tasks.ruler_data import (
     CATEGORIES,
     QA_FILES,
@@ -97,7 +96,7 @@ class RulerConfig:
     threshold: float = THRESHOLD  # the effective length is the longest whose average stays >= this, in (0, 100]
     chat_template: Any = "auto"  # auto: the tokenizer's chat template if it has one; true: require it; false: raw
     qa_path: str | None = None  # folder with RULER's squad.json (SQuAD 2.0 dev) and hotpotqa.json (HotpotQA dev)
-    batch_size: int = 1  # prompts per generate call: 1 until batched generation lands
+    batch_size: int = 1  # prompts per generate call, grouped by length
 
 
 def check(cfg: Any, ctxs: Sequence[int]) -> None:
@@ -128,10 +127,7 @@ def check(cfg: Any, ctxs: Sequence[int]) -> None:
         )
     if cfg.chat_template not in CHAT_TEMPLATE_CHOICES:
         raise ValueError(f"task.chat_template={cfg.chat_template!r}; choose one of {CHAT_TEMPLATE_CHOICES}")
-    if cfg.batch_size != 1:
-        raise ValueError(
-            f"task.batch_size={cfg.batch_size!r}; only 1 until batched generation lands: task.batch_size=1"
-        )
+    require_positive("task.batch_size", cfg.batch_size, "task.batch_size=4", integer=True)
     for ctx in ctxs:
         for name in names:
             if ctx <= TASKS[name].tokens_to_generate:
@@ -149,13 +145,6 @@ def use_chat_template(setting: Any, tokenizer) -> bool:
     return has_template and setting is not False
 
 
-def generate(env: TaskEnv, prompts: Sequence[Sequence[int]], max_new_tokens: int, desc: str = "ruler") -> list[str]:
-    """Greedy continuations of ``prompts`` (token ids) through the patched model and its KV cache, decoded without
-    special tokens; one prompt at a time (``task.batch_size`` is 1 until batched generation lands)."""
-    bar = tqdm(prompts, desc=desc, disable=not env.progress, leave=False)
-    return [greedy_generate(env.model, env.tokenizer, ids, max_new_tokens)[0] for ids in bar]
-
-
 def essay_sentences(data_cfg: Any) -> tuple[str, ...]:
     """The essay haystack: every document of the ``data=`` corpus, joined, cut into sentences."""
     from enhance_long.data import iter_texts
@@ -163,10 +152,11 @@ def essay_sentences(data_cfg: Any) -> tuple[str, ...]:
     return tuple(split_sentences(" ".join(text for _, text in iter_texts(data_cfg))))
 
 
-class Ruler:
+class Ruler(Task):
     """The ``ruler`` task: one cell per (ctx, RULER task); see the module docstring."""
 
     name = "ruler"
+    schema = RulerConfig
     uses_data = True  # the essay haystack is the data= corpus, so data=... changes the results
 
     def check(self, cfg: Any, ctxs: Sequence[int]) -> None:
@@ -196,7 +186,7 @@ class Ruler:
         """The cell's ``task.samples`` prompts, built with the job's tokenizer."""
         if "ruler.encode" not in env.cache:
             chat = use_chat_template(env.cfg.chat_template, env.tokenizer)
-            lead = _leading_special(env.tokenizer)
+            lead = leading_special(env.tokenizer)
 
             @functools.cache
             def frame(turns: int):
@@ -210,7 +200,17 @@ class Ruler:
         ctx, task = int(cell["ctx"]), cell["ruler_task"]
         spec = TASKS[task]
         prompts = self.prompts(env, task, ctx)
-        outputs = generate(env, [p.ids for p in prompts], spec.tokens_to_generate, desc=f"ruler {task} @ {ctx}")
+        answers = greedy(
+            env.model,
+            env.tokenizer,
+            [p.ids for p in prompts],
+            spec.tokens_to_generate,
+            batch_size=env.cfg.batch_size,
+            desc=f"ruler {task} @ {ctx}",
+            reuse_prefix=True,  # the trials share the prompt up to the needle: prefilled once where exact
+            progress=env.progress,
+        )
+        outputs = [env.tokenizer.decode(answer, skip_special_tokens=True) for answer in answers]
         cell_metric, metric = METRICS[spec.family]
         method = describe(env.model)  # a job may measure several methods (baseline=true) into one predictions file
         lines = []
@@ -230,7 +230,7 @@ class Ruler:
                     "haystack": prompt.haystack,
                 }
             )
-        write_predictions(
+        replace_cell_lines(
             Path(env.out_dir) / "predictions.jsonl", {"ctx": ctx, "ruler_task": task, "method": method}, lines
         )
         shared, total = [p.shared for p in prompts], sum(len(p.ids) for p in prompts)
@@ -301,7 +301,7 @@ def method_scores(rows: Iterable[dict]) -> dict[str, MethodScores]:
     models = list(dict.fromkeys(str(row.get("model")) for row in rows))
     out: dict[str, MethodScores] = {}
     for row in rows:
-        label = f"{row.get('model')}, " * (len(models) > 1) + method_label(row)
+        label = f"{row.get('model')}, " * (len(models) > 1) + str(row["method"])
         threshold = (row.get("settings") or {}).get("threshold", THRESHOLD)
         out.setdefault(label, MethodScores(threshold)).scores.setdefault(row["ruler_task"], {})[int(row["ctx"])] = (
             float(row["score"])
@@ -355,34 +355,11 @@ def plot_ruler_heatmap(rows: Iterable[dict], path: Path) -> Path | None:
     by_method = method_scores(rows)
     if not by_method:
         return None
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
-
-    ncols = min(4, len(by_method))
-    nrows = -(-len(by_method) // ncols)
-    most_tasks = max(len(scores.tasks()) for scores in by_method.values()) + 1
-    most_ctxs = max(len(scores.ctxs()) for scores in by_method.values())
-    width, height = max(3.5, 1.0 * most_ctxs + 3.0), max(3.0, 0.4 * most_tasks + 1.5)
-    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for ax in axes.flat[len(by_method) :]:
-        ax.set_axis_off()
-    for ax, (label, scores) in zip(axes.flat, by_method.items(), strict=False):
+    panels = []
+    for label, scores in by_method.items():
         names, ctxs = scores.tasks(), scores.ctxs()
         grid = [[scores.scores[name].get(ctx, math.nan) for ctx in ctxs] for name in names]
         grid.append([scores.averages().get(ctx, math.nan) for ctx in ctxs])
-        image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=100.0, aspect="auto")
-        for i, line in enumerate(grid):
-            for j, value in enumerate(line):
-                if not math.isnan(value):
-                    ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7)
-        ax.axhline(len(names) - 0.5, color="black", linewidth=1)
-        ax.set_xticks(range(len(ctxs)), [str(c) for c in ctxs])
-        ax.set_yticks(range(len(grid)), [*names, "average"])
-        ax.set(xlabel="context length", title=f"{label}\neffective length {scores.effective()}")
-        ax.title.set_fontsize(8)
-        ax.tick_params(labelsize=7)
-    fig.colorbar(image, ax=axes.ravel().tolist(), label="score")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    write_atomic(path, buffer.getvalue())
-    return path
+        title = f"{label}\neffective length {scores.effective()}"
+        panels.append(Panel(title, [*names, "average"], ctxs, grid, rule=len(names)))
+    return heatmaps(panels, path, 100.0, lambda v: f"{v:.0f}", "context length", "", "score")

@@ -1,0 +1,224 @@
+"""The leaderboard: one table over perplexity, passkey and RULER rows, with intervals, and its plots.
+
+    python -m enhance_long.board multirun/leaderboard --out docs/leaderboard   # board.md, results.csv, plots
+
+One line per method (a short label: the rope method, the knobs it sets away from their defaults, ``+logn``):
+
+* perplexity at each length, pooled over the windows (the task's ``doc="all"`` row) with an interval of +- 2
+  standard errors of the per-window log-perplexity (each document contributes one window per length);
+* ``helps``: the perplexity of the last ``task.tail`` tokens of each longest window read with the whole window before
+  them, divided by their perplexity in a window of their own (the same tokens, so the ratio compares like with
+  like; below 1 means the method uses the far context), with its interval over windows;
+* ``cached``: perplexity at the lengths of ``task.also_cached``, fed through the KV cache in chunks (how generation
+  reads a long prompt), beside the one-forward figure of the same windows;
+* passkey: keys found / asked at each length, over every depth and trial, with a Wilson 95% interval;
+* RULER: the average over the tasks run at each length, and the effective length (the longest length whose average
+  stays at or above the threshold, RULER's 85.6 by default).
+
+Differences whose intervals overlap are not resolved by the board; the README says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from enhance_long.methods.catalog import CATALOG
+from enhance_long.plots import figure, save, styles
+from enhance_long.report import by_task, write_csv
+from enhance_long.results import load_results, write_atomic
+from enhance_long.tables import markdown_table
+from enhance_long.tasks import find_task
+
+Z = 2.0  # +- 2 standard errors for perplexity
+WILSON_Z = 1.96  # 95% for passkey
+
+
+def short_label(row: dict) -> str:
+    """``consistent_ntk(schedule=per_forward,bucket=1)+logn``: the method, the knobs away from their defaults, LogN."""
+    rope = str(row.get("rope"))
+    defaults = CATALOG[rope].defaults if rope in CATALOG else {}
+    changed = [f"{k}={_text(v)}" for k, v in (row.get("knobs") or {}).items() if defaults.get(k) != v]
+    label = f"{rope}({','.join(changed)})" if changed else rope
+    return label + ("+logn" if row.get("logn") else "")
+
+
+def _text(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def interval(values: Sequence[float], z: float = Z) -> tuple[float, float] | None:
+    """exp(mean +- z * standard error) of log-values; None for fewer than two."""
+    if len(values) < 2:
+        return None
+    logs = [math.log(v) for v in values]
+    mean = sum(logs) / len(logs)
+    se = math.sqrt(sum((x - mean) ** 2 for x in logs) / (len(logs) - 1) / len(logs))
+    return math.exp(mean - z * se), math.exp(mean + z * se)
+
+
+def wilson(correct: int, trials: int, z: float = WILSON_Z) -> tuple[float, float]:
+    """The Wilson score interval of a proportion."""
+    p = correct / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _band(value: float, bounds: tuple[float, float] | None, digits: int = 2) -> str:
+    text = f"{value:.{digits}f}" if value < 1000 else f"{value:.3g}"
+    return text if bounds is None else f"{text} [{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]"
+
+
+class Board:
+    """The rows of a leaderboard sweep, by method and task."""
+
+    def __init__(self, rows: Sequence[dict]):
+        self.rows = list(rows)
+        self.tasks = by_task(self.rows)
+        self.methods = list(dict.fromkeys(short_label(r) for r in sorted(self.rows, key=_stock_first)))
+
+    def of(self, task: str, method: str) -> list[dict]:
+        return [r for r in self.tasks.get(task, []) if short_label(r) == method]
+
+    def lengths(self, task: str) -> list[int]:
+        return sorted({int(r["ctx"]) for r in self.tasks.get(task, [])})
+
+    def perplexity(self, method: str, ctx: int, field: str = "ppl") -> tuple[float, tuple | None] | None:
+        rows = [r for r in self.of("perplexity", method) if r["ctx"] == ctx]
+        pooled = [r for r in rows if r.get("doc") == "all" and r.get(field) is not None]
+        if not pooled:
+            return None
+        windows = [r[field] for r in rows if r.get("doc") != "all" and r.get(field) is not None]
+        return pooled[-1][field], interval(windows)
+
+    def helps(self, method: str) -> tuple[float, tuple | None] | None:
+        rows = [r for r in self.of("perplexity", method) if r.get("tail_ppl") is not None]
+        if not rows:
+            return None
+        longest = max(r["ctx"] for r in rows)
+        rows = [r for r in rows if r["ctx"] == longest]
+        pooled = [r for r in rows if r.get("doc") == "all"][-1]
+        ratios = [r["tail_ppl"] / r["tail_alone_ppl"] for r in rows if r.get("doc") != "all"]
+        return pooled["tail_ppl"] / pooled["tail_alone_ppl"], interval(ratios)
+
+    def passkey(self, method: str, ctx: int) -> tuple[int, int] | None:
+        rows = [r for r in self.of("passkey", method) if r["ctx"] == ctx]
+        if not rows:
+            return None
+        return sum(r["correct"] for r in rows), sum(r["trials"] for r in rows)
+
+    def ruler(self, method: str) -> tuple[dict[int, float], str] | None:
+        rows = self.of("ruler", method)
+        if not rows:
+            return None
+        from enhance_long.tasks.ruler import method_scores
+
+        scores = next(iter(method_scores([{**r, "method": method} for r in rows]).values()))
+        return scores.averages(), scores.effective()
+
+    def table(self) -> str:
+        ppl_ctxs, key_ctxs, ruler_ctxs = self.lengths("perplexity"), self.lengths("passkey"), self.lengths("ruler")
+        cached_ctxs = sorted({r["ctx"] for r in self.tasks.get("perplexity", []) if r.get("cached_ppl") is not None})
+        header = ["method", *(f"ppl {_k(c)}" for c in ppl_ctxs)]
+        header += ["helps (tail ppl ratio)"] if any(self.helps(m) for m in self.methods) else []
+        header += [f"ppl {_k(c)} cached" for c in cached_ctxs]
+        header += [f"passkey {_k(c)}" for c in key_ctxs]
+        header += [f"RULER {_k(c)}" for c in ruler_ctxs] + (["effective length"] if ruler_ctxs else [])
+        body = []
+        for method in self.methods:
+            line = [method]
+            for c in ppl_ctxs:
+                value = self.perplexity(method, c)
+                line.append(_band(*value) if value else "-")
+            if "helps (tail ppl ratio)" in header:
+                value = self.helps(method)
+                line.append(_band(*value, digits=3) if value else "-")
+            for c in cached_ctxs:
+                value = self.perplexity(method, c, "cached_ppl")
+                line.append(_band(value[0], None) if value else "-")
+            for c in key_ctxs:
+                found = self.passkey(method, c)
+                line.append(
+                    f"{found[0]}/{found[1]} [{wilson(*found)[0]:.2f}, {wilson(*found)[1]:.2f}]" if found else "-"
+                )
+            if ruler_ctxs:
+                ruler = self.ruler(method)
+                line += [f"{ruler[0][c]:.1f}" if ruler and c in ruler[0] else "-" for c in ruler_ctxs]
+                line.append(ruler[1] if ruler else "-")
+            body.append(line)
+        return markdown_table(header, body)
+
+    def plot_perplexity(self, path: Path) -> Path | None:
+        ctxs = self.lengths("perplexity")
+        if not ctxs:
+            return None
+        fig, axes = figure(1, width=7.5, height=5.0)
+        ax, style = axes[0][0], styles(self.methods)
+        for method in self.methods:
+            points = [(c, self.perplexity(method, c)) for c in ctxs]
+            points = [(c, v) for c, v in points if v is not None]
+            if not points:
+                continue
+            ax.plot([c for c, _ in points], [v[0] for _, v in points], label=method, **style[method])
+            bands = [(c, v[1]) for c, v in points if v[1] is not None]
+            if bands:
+                color = style[method]["color"]
+                ax.fill_between(
+                    [c for c, _ in bands], [b[0] for _, b in bands], [b[1] for _, b in bands], alpha=0.15, color=color
+                )
+        ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity (+- 2 SE over windows)")
+        ax.set_xticks(ctxs, [str(c) for c in ctxs])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+        return save(fig, path)
+
+
+def _stock_first(row: dict) -> bool:
+    return not (row.get("rope") == "none" and not row.get("logn"))
+
+
+def _k(ctx: int) -> str:
+    return f"{ctx // 1024}k" if ctx % 1024 == 0 else str(ctx)
+
+
+def write_board(rows: Sequence[dict], out_dir: Path) -> list[Path]:
+    """``board.md``, ``results.csv`` (every row) and the plots: perplexity vs length with bands, one heatmap per method
+    for passkey and for RULER."""
+    out_dir = Path(out_dir)
+    board = Board(rows)
+    written = [write_csv(rows, out_dir / "results.csv")]
+    write_atomic(out_dir / "board.md", board.table())
+    written.append(out_dir / "board.md")
+    plot = board.plot_perplexity(out_dir / "ppl_vs_length.png")
+    written += [plot] if plot else []
+    for name in ("passkey", "ruler"):
+        task = find_task(name)
+        if task is not None and board.tasks.get(name):
+            labelled = [{**r, "method": short_label(r)} for r in board.tasks[name]]
+            written += task.plots(labelled, out_dir)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m enhance_long.board", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dirs", nargs="+", type=Path, help="output folders of the leaderboard (searched recursively)")
+    parser.add_argument("--out", type=Path, required=True, help="where board.md, results.csv and the plots go")
+    args = parser.parse_args(argv)
+    try:
+        rows = load_results(args.dirs)
+    except FileNotFoundError as error:
+        parser.exit(1, f"error: {error}\n")
+    if not rows:
+        parser.exit(1, f"error: no result rows under {', '.join(map(str, args.dirs))}\n")
+    written = write_board(rows, args.out)
+    print((args.out / "board.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""PNG plots from result rows: figures without pyplot (no global state, no display), a style per method, and the
+heatmap panels passkey and RULER draw. Nothing here knows a task; each task's ``plots`` composes these."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from enhance_long.results import write_atomic
+
+
+def figure(ncols: int, nrows: int = 1, width: float = 5.0, height: float = 3.8):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def save(fig, path: Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    write_atomic(path, buffer.getvalue())
+    return path
+
+
+def styles(order: Sequence[str]) -> dict[str, dict]:
+    """A distinct line per method: the ten default colours, then the same colours dashed, dotted, ..."""
+    from matplotlib import colormaps
+
+    colours = colormaps["tab10"].colors
+    lines, markers = ("-", "--", ":", "-."), ("o", "s", "^", "D")
+    return {
+        label: {"color": colours[i % 10], "linestyle": lines[i // 10 % 4], "marker": markers[i // 10 % 4]}
+        for i, label in enumerate(order)
+    }
+
+
+class Panel:
+    """One heatmap: ``grid[r][c]`` (NaN for no value) with its row and column labels, a title, and a line drawn
+    under the first ``rule`` rows (0: none)."""
+
+    def __init__(self, title: str, rows: Sequence[str], columns: Sequence, grid, rule: int = 0):
+        self.title, self.rows, self.columns, self.grid, self.rule = title, list(rows), list(columns), grid, rule
+
+
+def heatmaps(panels: Sequence[Panel], path: Path, vmax: float, text, xlabel: str, ylabel: str, bar: str) -> Path:
+    """Red-yellow-green heatmaps over 0..``vmax``, four panels to a row, each cell written with ``text(value)``."""
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    width = max(3.0, 1.1 * max(len(p.columns) for p in panels) + 1.5)
+    height = max(3.0, 0.45 * max(len(p.rows) for p in panels) + 1.5)
+    fig, axes = figure(ncols, nrows, width=width, height=height)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_axis_off()
+    image = None
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        image = ax.imshow(panel.grid, cmap="RdYlGn", vmin=0.0, vmax=vmax, aspect="auto")
+        for i, line in enumerate(panel.grid):
+            for j, value in enumerate(line):
+                if not math.isnan(value):
+                    ax.text(j, i, text(value), ha="center", va="center", fontsize=8)
+        if panel.rule:
+            ax.axhline(panel.rule - 0.5, color="black", linewidth=1)
+        ax.set_xticks(range(len(panel.columns)), [str(c) for c in panel.columns])
+        ax.set_yticks(range(len(panel.rows)), panel.rows)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=panel.title)
+        ax.title.set_fontsize(8)
+        ax.tick_params(labelsize=7)
+    fig.colorbar(image, ax=axes.ravel().tolist(), label=bar)
+    return save(fig, path)

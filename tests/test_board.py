@@ -1,0 +1,107 @@
+"""The leaderboard table: intervals, the helps ratio, the cached column, passkey with Wilson intervals, RULER."""
+
+import math
+
+import pytest
+
+from enhance_long.board import Board, interval, main, short_label, wilson, write_board
+from enhance_long.results import ResultStore, cell_key
+
+CONSISTENT = {"rope": "consistent_ntk", "knobs": {"alpha": 2.0, "bucket": 256, "schedule": "per_query"}}
+ORIGINAL = {"rope": "consistent_ntk", "knobs": {"alpha": 2.0, "bucket": 1, "schedule": "per_forward"}, "logn": True}
+STOCK = {"rope": "none", "knobs": {}}
+
+
+def ppl_rows(variant, ctx, window_ppls, **sides):
+    key = cell_key({"v": str(variant)}, {"ctx": ctx})
+    base = {"task": "perplexity", "model": "m", "method": "x", "logn": False, **variant, "ctx": ctx, "key": key}
+    docs = [
+        {**base, "doc": f"d{i}", "ppl": p, **{k: v[i] for k, v in sides.items()}} for i, p in enumerate(window_ppls)
+    ]
+    pooled = math.exp(sum(math.log(p) for p in window_ppls) / len(window_ppls))
+    return [*docs, {**base, "doc": "all", "ppl": pooled, **{k: sum(v) / len(v) for k, v in sides.items()}}]
+
+
+def passkey_rows(variant, ctx, found):
+    return [
+        {
+            "task": "passkey",
+            "model": "m",
+            "logn": False,
+            **variant,
+            "ctx": ctx,
+            "depth": d,
+            "correct": c,
+            "trials": 1,
+            "accuracy": c,
+            "key": cell_key({"v": str(variant)}, {"ctx": ctx, "depth": d}),
+        }  # fmt: skip
+        for d, c in zip((0.1, 0.5, 0.9), found, strict=True)
+    ]
+
+
+def ruler_rows(variant, scores):
+    return [
+        {
+            "task": "ruler",
+            "model": "m",
+            "logn": False,
+            **variant,
+            "ctx": ctx,
+            "ruler_task": task,
+            "score": score,
+            "key": cell_key({"v": str(variant)}, {"ctx": ctx, "ruler_task": task}),
+        }  # fmt: skip
+        for (ctx, task), score in scores.items()
+    ]
+
+
+def rows():
+    out = ppl_rows(STOCK, 8192, [18.0, 20.0]) + ppl_rows(STOCK, 16384, [900.0, 1100.0])
+    out += ppl_rows(CONSISTENT, 8192, [18.0, 20.0]) + ppl_rows(CONSISTENT, 16384, [17.0, 19.0], cached_ppl=[17.0, 19.0])
+    out += ppl_rows(CONSISTENT, 32768, [16.0, 18.0], tail_ppl=[15.0, 16.0], tail_alone_ppl=[20.0, 20.0])
+    out += passkey_rows(STOCK, 16384, [0, 0, 1]) + passkey_rows(CONSISTENT, 16384, [1, 1, 1])
+    out += ruler_rows(CONSISTENT, {(8192, "niah_single_1"): 100.0, (16384, "niah_single_1"): 80.0})
+    out += ruler_rows(ORIGINAL, {(8192, "niah_single_1"): 90.0})
+    return out
+
+
+def test_short_labels_name_the_knobs_away_from_their_defaults():
+    assert short_label(STOCK) == "none"
+    assert short_label(CONSISTENT) == "consistent_ntk"
+    assert short_label(ORIGINAL) == "consistent_ntk(bucket=1,schedule=per_forward)+logn"
+
+
+def test_intervals_are_two_standard_errors_of_the_log_and_wilson_for_counts():
+    low, high = interval([10.0, 40.0])  # logs differ by ln 4: se = ln(4) / 2
+    assert math.isclose(low, 20.0 / 4) and math.isclose(high, 20.0 * 4)
+    assert interval([7.0]) is None
+    assert wilson(0, 5)[0] == 0.0 and wilson(5, 5)[1] == 1.0
+    assert wilson(1, 2) == pytest.approx((0.0945, 0.9055), abs=1e-4)  # the textbook value for 1/2 at 95%
+
+
+def test_the_board_has_a_line_per_method_and_a_column_per_measure():
+    board = Board(rows())
+    assert board.methods == ["none", "consistent_ntk", "consistent_ntk(bucket=1,schedule=per_forward)+logn"]
+    lines = board.table().splitlines()
+    assert lines[0] == (
+        "| method | ppl 8k | ppl 16k | ppl 32k | helps (tail ppl ratio) | ppl 16k cached | passkey 16k | RULER 8k | "
+        "RULER 16k | effective length |"
+    )
+    consistent = lines[3].split(" | ")
+    assert consistent[1].startswith("18.97 [") and consistent[4].startswith("0.775 [")  # sqrt(15*16)/20
+    assert consistent[5] == "18.00" and consistent[6] == "3/3 [0.44, 1.00]"  # the pooled row's cached_ppl
+    assert consistent[7:] == ["100.0", "80.0", "8192 |"]  # 80 < 85.6 at 16k
+    assert lines[2].split(" | ")[6].startswith("1/3 [")
+    assert lines[4].split(" | ")[1] == "-"  # no perplexity rows for that method
+
+
+def test_write_board_and_the_command_line(tmp_path, capsys):
+    store = ResultStore(tmp_path / "sweep" / "job")
+    for key in dict.fromkeys(r["key"] for r in rows()):
+        store.put(key, [r for r in rows() if r["key"] == key])
+    assert main([str(tmp_path / "sweep"), "--out", str(tmp_path / "board")]) == 0
+    assert "| consistent_ntk |" in capsys.readouterr().out
+    names = {p.name for p in (tmp_path / "board").iterdir()}
+    assert {"board.md", "results.csv", "ppl_vs_length.png", "passkey_heatmap.png", "ruler_heatmap.png"} <= names
+    assert write_board(rows(), tmp_path / "again")[0].name == "results.csv"

@@ -6,11 +6,12 @@ One line per method (a short label: the rope method, the knobs it sets away from
 
 * perplexity at each length, pooled over the windows (the task's ``doc="all"`` row) with an interval of +- 2
   standard errors of the per-window log-perplexity (each document contributes one window per length);
-* ``helps``: the perplexity of the last ``task.tail`` tokens of each longest window read with the whole window before
+* ``helps``: the perplexity of the last ``task.tail_tokens`` tokens of each longest window read with the whole window before
   them, divided by their perplexity in a window of their own (the same tokens, so the ratio compares like with
   like; below 1 means the method uses the far context), with its interval over windows;
-* ``cached``: perplexity at the lengths of ``task.also_cached``, fed through the KV cache in chunks (how generation
-  reads a long prompt), beside the one-forward figure of the same windows;
+* ``cached``: perplexity at the lengths of ``task.cached_at``, fed through the KV cache in chunks (how generation
+  reads a long prompt), beside the one-forward figure of the same windows; ``=`` where ``task.cached_for=dynamic``
+  left the forward out because the method's keys keep their rotation once written (the same figure to rounding);
 * passkey: keys found / asked at each length, over every depth and trial, with a Wilson 95% interval;
 * RULER: the average over the tasks run at each length, and the effective length (the longest length whose average
   stays at or above the threshold, RULER's 85.6 by default).
@@ -95,6 +96,10 @@ class Board:
         windows = [r[field] for r in rows if r.get("doc") != "all" and r.get(field) is not None]
         return pooled[-1][field], interval(windows)
 
+    def cached_same(self, method: str, ctx: int) -> bool:
+        """Whether the cached column was left out at ``ctx`` as exact (``task.cached_for=dynamic``)."""
+        return any(r.get("cached_same") for r in self.of("perplexity", method) if r["ctx"] == ctx)
+
     def helps(self, method: str) -> tuple[float, tuple | None] | None:
         rows = [r for r in self.of("perplexity", method) if r.get("tail_ppl") is not None]
         if not rows:
@@ -122,7 +127,9 @@ class Board:
 
     def table(self) -> str:
         ppl_ctxs, key_ctxs, ruler_ctxs = self.lengths("perplexity"), self.lengths("passkey"), self.lengths("ruler")
-        cached_ctxs = sorted({r["ctx"] for r in self.tasks.get("perplexity", []) if r.get("cached_ppl") is not None})
+        cached_ctxs = sorted(
+            {r["ctx"] for r in self.tasks.get("perplexity", []) if r.get("cached_ppl") is not None or r.get("cached_same")}
+        )
         header = ["method", *(f"ppl {_k(c)}" for c in ppl_ctxs)]
         header += ["helps (tail ppl ratio)"] if any(self.helps(m) for m in self.methods) else []
         header += [f"ppl {_k(c)} cached" for c in cached_ctxs]
@@ -139,7 +146,7 @@ class Board:
                 line.append(_band(*value, digits=3) if value else "-")
             for c in cached_ctxs:
                 value = self.perplexity(method, c, "cached_ppl")
-                line.append(_band(value[0], None) if value else "-")
+                line.append(_band(value[0], None) if value else "=" if self.cached_same(method, c) else "-")
             for c in key_ctxs:
                 found = self.passkey(method, c)
                 line.append(

@@ -251,6 +251,17 @@ def prefix_exact(model) -> bool:
     return CATALOG[info["rope"]].prefix_exact(info)
 
 
+def cache_dependent(model) -> bool:
+    """Whether feeding a text through the KV cache in chunks can score it differently from one forward: the
+    frequencies follow the length (transformers' dynamic NTK, the consistent methods, dynamic YaRN). Every other
+    method keeps each key's rotation fixed once written, so the two agree to rounding (tests/test_patch.py)."""
+    info = describe(model)
+    if info is None:
+        rope = getattr(getattr(model, "config", None), "rope_parameters", None)
+        return rope is not None and rope.get("rope_type", "default") not in _STATIC_ROPE_TYPES
+    return CATALOG[info["rope"]].dynamic
+
+
 def attended_keys(model, cache, layer: int) -> torch.Tensor:
     """The keys layer ``layer`` attended to in the last forward through ``cache``, rotated as the attention read them:
     (batch, kv_heads, n, head_dim) in transformers' rotate-half layout. For the consistent methods that is the

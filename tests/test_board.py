@@ -57,7 +57,7 @@ def ruler_rows(variant, scores):
 
 
 def rows():
-    out = ppl_rows(STOCK, 8192, [18.0, 20.0]) + ppl_rows(STOCK, 16384, [900.0, 1100.0])
+    out = ppl_rows(STOCK, 8192, [18.0, 20.0]) + ppl_rows(STOCK, 16384, [900.0, 1100.0], cached_same=[True, True])
     out += ppl_rows(CONSISTENT, 8192, [18.0, 20.0]) + ppl_rows(CONSISTENT, 16384, [17.0, 19.0], cached_ppl=[17.0, 19.0])
     out += ppl_rows(CONSISTENT, 32768, [16.0, 18.0], tail_ppl=[15.0, 16.0], tail_alone_ppl=[20.0, 20.0])
     out += passkey_rows(STOCK, 16384, [0, 0, 1]) + passkey_rows(CONSISTENT, 16384, [1, 1, 1])
@@ -92,6 +92,7 @@ def test_the_board_has_a_line_per_method_and_a_column_per_measure():
     assert consistent[1].startswith("18.97 [") and consistent[4].startswith("0.775 [")  # sqrt(15*16)/20
     assert consistent[5] == "18.00" and consistent[6] == "3/3 [0.44, 1.00]"  # the pooled row's cached_ppl
     assert consistent[7:] == ["100.0", "80.0", "8192 |"]  # 80 < 85.6 at 16k
+    assert lines[2].split(" | ")[5] == "="  # left out as exact (task.cached_for=dynamic)
     assert lines[2].split(" | ")[6].startswith("1/3 [")
     assert lines[4].split(" | ")[1] == "-"  # no perplexity rows for that method
 

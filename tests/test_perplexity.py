@@ -145,9 +145,23 @@ def test_side_measures_score_the_same_windows_the_tail_alone_and_through_the_cac
     assert "tail_ppl" not in plain[-1] and "cached_ppl" not in plain[-1]
 
 
+def test_cached_for_dynamic_runs_the_cached_forward_only_where_the_frequencies_follow_the_length(tiny, tmp_path):
+    model, _ = tiny
+    side = {"max_windows": 1, "cached_at": [128], "cached_for": "dynamic", "chunk": 40}
+    stock = TASK.measure(_env(tiny, tmp_path, **side), {"ctx": 128})
+    assert all(r["cached_same"] and "cached_ppl" not in r for r in stock)  # the stock rotary: exact either way
+    enhance_long.apply(model, rope="dynamic_ntk", train_len=64, logn=False)
+    try:
+        dynamic = TASK.measure(_env(tiny, tmp_path, **side), {"ctx": 128})
+    finally:
+        enhance_long.remove(model)
+    assert "cached_same" not in dynamic[-1] and dynamic[-1]["cached_ppl"] != pytest.approx(dynamic[-1]["ppl"])
+
+
 @pytest.mark.parametrize(
     ("task", "message"),
     [
+        ({"cached_for": "some"}, "task.cached_for=some is unknown; choose all or dynamic"),
         ({"tail_at": [256]}, "task.tail_at has 256, which is not one of the lengths [128]"),
         ({"cached_at": [64]}, "task.cached_at has 64, which is not one of the lengths [128]"),
         ({"tail_at": [128], "tail_tokens": 128}, "task.tail_tokens=128 must be between 2 and the tail_at length 128"),

@@ -23,7 +23,9 @@ shorter window with that start (``max_windows=1``: one forward per job instead o
 Side measures on the same windows, in the same rows: at the lengths of ``tail_at``, the last ``tail_tokens`` tokens of
 each window are scored again in a window of their own (``tail_ppl`` with the whole window before them,
 ``tail_alone_ppl`` alone: their ratio says whether the method uses the far context); at the lengths of ``cached_at``
-each window is also fed through the KV cache, ``chunk`` tokens per forward (``cached_ppl``).
+each window is also fed through the KV cache, ``chunk`` tokens per forward (``cached_ppl``); with
+``cached_for=dynamic`` only for the methods whose frequencies follow the length, the others scoring the same either
+way to rounding (tested), which their rows say with ``cached_same`` instead of a forward that changes no number.
 
 ``mode=cached`` feeds each window through a ``DynamicCache`` instead: a ``prefill`` forward, then ``chunk`` tokens
 per forward. Static methods score the same either way; ``dynamic_ntk`` (keys keep the base they were written
@@ -45,7 +47,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from enhance_long.patch import prefix_exact
+from enhance_long.patch import cache_dependent, prefix_exact
 from enhance_long.plots import figure, save, styles
 from enhance_long.tables import describe_rows, grid, grid_table, labels, ordered_labels, perplexity_text
 from enhance_long.tasks.base import Task, TaskEnv, require_positive
@@ -66,6 +68,7 @@ class PerplexityConfig:
     tail_at: list[int] = field(default_factory=list)  # lengths whose windows' last tail_tokens are also scored alone
     tail_tokens: int = 8192  # the tail the "helps" ratio compares: read with the whole window vs in its own window
     cached_at: list[int] = field(default_factory=list)  # lengths whose windows are also scored through the KV cache
+    cached_for: str = "all"  # all, or dynamic: only where the frequencies follow the length (patch.cache_dependent)
 
 
 def window_starts(n_tokens: int, ctx: int, stride: int) -> list[int]:
@@ -228,6 +231,10 @@ class Perplexity(Task):
                     f"task.tail_tokens={cfg.tail_tokens} must be between 2 and the tail_at length {length} "
                     f"(exclusive), e.g. task.tail_tokens={length // 4}"
                 )
+        if cfg.cached_for not in ("all", "dynamic"):
+            raise ValueError(
+                f"task.cached_for={cfg.cached_for} is unknown; choose all or dynamic (e.g. task.cached_for=dynamic)"
+            )
         if cfg.mode == "cached" and cfg.cached_at:
             raise ValueError(
                 "task.cached_at scores windows through the cache beside mode=sliding; with mode=cached drop it"
@@ -296,6 +303,8 @@ class Perplexity(Task):
         corpus, windows = self.windows_for(env, ctx)
         totals = [NLLTotals(ctx, cfg.buckets) for _ in corpus.docs]
         hosts = set()
+        cached = ctx in cfg.cached_at and (cfg.cached_for == "all" or cache_dependent(env.model))
+        same = {"cached_same": True} if ctx in cfg.cached_at and not cached else {}
         bar = tqdm(windows, desc=f"perplexity ctx={ctx}", unit="window", disable=not env.progress, leave=False)
         for doc_index, window_index, start in bar:
             doc = corpus.docs[doc_index]
@@ -310,7 +319,7 @@ class Perplexity(Task):
                 nll = self.losses(env, ids, ctx, doc.name, start, host)[first - 1 :]
                 hosts.add(host)
             totals[doc_index].add(nll, torch.arange(first, ctx))
-            if ctx in cfg.cached_at:
+            if cached:
                 totals[doc_index].add_side("cached", window_nll_cached(env.model, ids, first, cfg.chunk, cfg.chunk))
             if ctx in cfg.tail_at:  # the same tokens with the whole window before them, and in a window of their own
                 tail = cfg.tail_tokens
@@ -322,9 +331,10 @@ class Perplexity(Task):
         for doc_index, (doc, doc_totals) in enumerate(zip(corpus.docs, totals, strict=True)):
             if counts[doc_index]:
                 total.merge(doc_totals)
-                rows.append({**cell, "doc": doc.name, "windows": counts[doc_index], **doc_totals.row()})
+                rows.append({**cell, "doc": doc.name, "windows": counts[doc_index], **doc_totals.row(), **same})
         rows.append(
             {**cell, "doc": "all", "docs": len(rows), "windows": len(windows), "skipped": corpus.skipped, **total.row()}
+            | same
         )
         shared = max(hosts, default=ctx)
         return [{**row, "from_ctx": shared} for row in rows] if shared != ctx else rows

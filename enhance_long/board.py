@@ -128,7 +128,11 @@ class Board:
     def table(self) -> str:
         ppl_ctxs, key_ctxs, ruler_ctxs = self.lengths("perplexity"), self.lengths("passkey"), self.lengths("ruler")
         cached_ctxs = sorted(
-            {r["ctx"] for r in self.tasks.get("perplexity", []) if r.get("cached_ppl") is not None or r.get("cached_same")}
+            {
+                r["ctx"]
+                for r in self.tasks.get("perplexity", [])
+                if r.get("cached_ppl") is not None or r.get("cached_same")
+            }
         )
         header = ["method", *(f"ppl {_k(c)}" for c in ppl_ctxs)]
         header += ["helps (tail ppl ratio)"] if any(self.helps(m) for m in self.methods) else []

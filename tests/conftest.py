@@ -9,6 +9,17 @@ from enhance_long.models import byte_tokenizer
 
 TRAIN_LEN = 32  # trained context of the tiny models; tests run to 3x this
 
+# The remapping and bounded methods with windows and chunks small enough that a tiny model at 3-4x TRAIN_LEN
+# crosses every view (shared by the batch and precision tests).
+SMALL_VIEWS = [
+    ("self_extend", {"group": 3, "window": 8}),
+    ("rerope", {"window": 12}),
+    ("leaky_rerope", {"window": 12, "leak": 4.0}),
+    ("dual_chunk", {"chunk_size": 12, "local_window": 4, "mscale": 0.1}),
+    ("string", {"shifted_offset": 10, "local_value": 3}),
+    ("lm_infinite", {"window": 12, "n_global": 3}),
+    ("attention_sink", {"n_sink": 2, "window": 10}),
+]
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TRAIN_LEN, tiny_model
+from conftest import SMALL_VIEWS, TRAIN_LEN, tiny_model
 from transformers import DynamicCache
 
 import enhance_long
@@ -28,13 +28,7 @@ EVERY_METHOD = [
     ("yarn", {}),
     ("ntk_by_parts", {}),
     ("dynamic_yarn", {"bucket": 4}),
-    ("self_extend", {"group": 3, "window": 8}),
-    ("rerope", {"window": 12}),
-    ("leaky_rerope", {"window": 12, "leak": 4.0}),
-    ("dual_chunk", {"chunk_size": 12, "local_window": 4, "mscale": 0.1}),
-    ("string", {"shifted_offset": 10, "local_value": 3}),
-    ("lm_infinite", {"window": 12, "n_global": 3}),
-    ("attention_sink", {"n_sink": 2, "window": 10}),
+    *SMALL_VIEWS,
 ]
 
 

@@ -215,7 +215,7 @@ def test_default_model_and_data_end_to_end(tmp_path):
     ("overrides", "message", "before_loading"),
     [
         (["data.path=/nonexistent.txt"], "data.path='/nonexistent.txt' matches no file", True),
-        ([f"data.path={ROOT / 'docs' / 'leaderboard' / 'ppl_vs_length.png'}"], "not one of ['.txt', '.jsonl']", True),
+        ([f"data.path={ROOT / 'pyproject.toml'}"], "not one of ['.txt', '.jsonl']", True),
         (["model.dtype=float7"], "model.dtype='float7' is not one of", True),
         (["attention=flash_attention_2"], 'attention="flash_attention_2" needs', True),
         (["rope=yarn", "rope.factor=0.5"], "rope.factor=0.5 is invalid; it must be a number >= 1", True),

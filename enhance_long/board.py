@@ -153,9 +153,8 @@ class Board:
                 line.append(_band(value[0], None) if value else "=" if self.cached_same(method, c) else "-")
             for c in key_ctxs:
                 found = self.passkey(method, c)
-                line.append(
-                    f"{found[0]}/{found[1]} [{wilson(*found)[0]:.2f}, {wilson(*found)[1]:.2f}]" if found else "-"
-                )
+                low, high = wilson(*found) if found else (None, None)
+                line.append(f"{found[0]}/{found[1]} [{low:.2f}, {high:.2f}]" if found else "-")
             if ruler_ctxs:
                 ruler = self.ruler(method)
                 line += [f"{ruler[0][c]:.1f}" if ruler and c in ruler[0] else "-" for c in ruler_ctxs]

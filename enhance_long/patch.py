@@ -9,8 +9,9 @@ Three extension points of transformers 5 are used, nothing else is replaced:
   ``enhance_long_<backend>``, whose function applies the LogN query scale and then calls the stock backend, and
   whose mask function is the stock backend's (without it transformers would silently drop the mask);
 * a forward pre-hook on the decoder, run once per forward: it computes the LogN factors of this forward's
-  queries (LogN times the method's own temperature) and, for ``consistent_ntk``, re-rotates the keys already in the ``DynamicCache`` to the base of the
-  current length and splits the queries into groups that share a base.
+  queries (LogN times the method's own temperature) and, for the consistent methods, each query's base and the
+  groups of queries that share one, and finds the rotated copy of the cached keys kept beside the ``DynamicCache``
+  (the attention derives it again when the base moves: ``consistent.py``).
 
 Consistent dynamic NTK gives the query at position i, and every key it attends to, the base of length i + 1
 (bucketed: see ``scheduled_length``). The output at position i then depends only on tokens 0..i, as in any
@@ -240,25 +241,30 @@ def describe(model) -> dict[str, Any] | None:
 _STATIC_ROPE_TYPES = {"default", "linear", "yarn", "llama3"}  # unpatched rope types that ignore the forward's length
 
 
+def _stock_rope_static(model) -> bool | None:
+    """For an unpatched model: whether its own ``rope_type`` ignores the forward's length (None: no rope config)."""
+    rope = getattr(getattr(model, "config", None), "rope_parameters", None)
+    return None if rope is None else rope.get("rope_type", "default") in _STATIC_ROPE_TYPES
+
+
 def prefix_exact(model) -> bool:
     """Whether ``model`` computes a forward's first n positions exactly as a forward of just those n tokens (so a
     prefix's KV cache, or its losses, can be reused): causal attention and frequencies that do not follow the length
     of the whole forward (not dynamic NTK, nor the per_forward schedule)."""
     info = describe(model)
     if info is None:
-        rope = getattr(getattr(model, "config", None), "rope_parameters", None)
-        return rope is not None and rope.get("rope_type", "default") in _STATIC_ROPE_TYPES
+        return _stock_rope_static(model) is True
     return CATALOG[info["rope"]].prefix_exact(info)
 
 
 def cache_dependent(model) -> bool:
-    """Whether feeding a text through the KV cache in chunks can score it differently from one forward: the
-    frequencies follow the length (transformers' dynamic NTK, the consistent methods, dynamic YaRN). Every other
-    method keeps each key's rotation fixed once written, so the two agree to rounding (tests/test_patch.py)."""
+    """Whether the frequencies follow the length, so that feeding a text through the KV cache in chunks scores it
+    differently from one forward unless the method keeps the cache consistent: transformers' dynamic NTK (it does
+    not), the consistent methods and dynamic YaRN (they do; measuring both shows it). Every other method keeps each
+    key's rotation fixed once written, so the two agree to rounding (tests/test_patch.py)."""
     info = describe(model)
     if info is None:
-        rope = getattr(getattr(model, "config", None), "rope_parameters", None)
-        return rope is not None and rope.get("rope_type", "default") not in _STATIC_ROPE_TYPES
+        return _stock_rope_static(model) is False
     return CATALOG[info["rope"]].dynamic
 
 

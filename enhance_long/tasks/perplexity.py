@@ -15,9 +15,9 @@ The loss is computed from the decoder's final hidden states, ``chunk`` positions
 token inside its window (``buckets`` equal ranges of [0, ctx)), which shows *where* a method breaks.
 
 Scoring several lengths in one job shares forwards where that is exact: unless the method's frequencies follow the
-length of the whole forward (``dynamic_ntk``, transformers' own ``dynamic``, ``schedule=per_forward``), a window's losses on its first ``n``
-tokens are those of the window of ``n`` tokens at the same start, so one forward at the longest length scores every
-shorter window with that start (``max_windows=1``: one forward per job instead of one per length). Rows say so in
+length of the whole forward (``dynamic_ntk``, transformers' own ``dynamic``, ``schedule=per_forward``), a window's
+losses on its first ``n`` tokens are those of the window of ``n`` tokens at the same start, so one forward at the
+longest length scores every shorter window with that start (``max_windows=1``: one forward per job instead of one per length). Rows say so in
 ``from_ctx``.
 
 Side measures on the same windows, in the same rows: at the lengths of ``tail_at``, the last ``tail_tokens`` tokens of
@@ -28,8 +28,8 @@ each window is also fed through the KV cache, ``chunk`` tokens per forward (``ca
 way to rounding (tested), which their rows say with ``cached_same`` instead of a forward that changes no number.
 
 ``mode=cached`` feeds each window through a ``DynamicCache`` instead: a ``prefill`` forward, then ``chunk`` tokens
-per forward. Static methods score the same either way; ``dynamic_ntk`` (keys keep the base they were written
-with) and ``consistent_ntk`` (keys re-rotated to the current base) differ here.
+per forward. Static methods and ``consistent_ntk`` (every key read at the current base) score the same either
+way; ``dynamic_ntk`` (keys keep the base they were written with) does not.
 """
 
 from __future__ import annotations
@@ -123,9 +123,12 @@ class NLLTotals:
 
     def add_side(self, name: str, nll: torch.Tensor) -> None:
         """Add NLL values of a side measure: other tokens or another way of feeding them (``<name>_ppl`` in rows)."""
+        self._add_side_sums(name, float(nll.double().sum()), nll.numel())
+
+    def _add_side_sums(self, name: str, nll: float, tokens: int) -> None:
         total = self.sides.setdefault(name, [0.0, 0])
-        total[0] += float(nll.double().sum())
-        total[1] += nll.numel()
+        total[0] += nll
+        total[1] += tokens
 
     def merge(self, other: NLLTotals) -> None:
         self.nll += other.nll
@@ -134,9 +137,7 @@ class NLLTotals:
             self.bucket_nll[b] += other.bucket_nll[b]
             self.bucket_tokens[b] += other.bucket_tokens[b]
         for name, (nll, tokens) in other.sides.items():
-            total = self.sides.setdefault(name, [0.0, 0])
-            total[0] += nll
-            total[1] += tokens
+            self._add_side_sums(name, nll, tokens)
 
     def row(self) -> dict:
         """``ppl``, ``tokens``, ``nll`` and the per-bucket breakdown (``ppl`` None for an empty bucket)."""

@@ -16,7 +16,10 @@ One line per method (a short label: the rope method, the knobs it sets away from
 * RULER: the average over the tasks run at each length, and the effective length (the longest length whose average
   stays at or above the threshold, RULER's 85.6 by default).
 
-Differences whose intervals overlap are not resolved by the board; the README says which.
+Below the table, each method against the best row of each length on the same tokens (the ratio of perplexities over
+the position ranges every window is split into, with +- 2 standard errors over those ranges): pairing removes what the
+text contributes to both rows, so it resolves differences that two windows' intervals cannot; ``~`` marks the ones it
+does not resolve either.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from enhance_long.methods.catalog import CATALOG
-from enhance_long.plots import figure, save, styles
+from enhance_long.plots import length_plot
 from enhance_long.report import by_task, write_csv
 from enhance_long.results import load_results, write_atomic
 from enhance_long.tables import markdown_table
@@ -96,6 +99,33 @@ class Board:
         windows = [r[field] for r in rows if r.get("doc") != "all" and r.get(field) is not None]
         return pooled[-1][field], interval(windows)
 
+    def blocks(self, method: str, ctx: int) -> dict[tuple[str, int], float]:
+        """The log-perplexity of each position range (the task's ``buckets``) of each document's windows at ``ctx``,
+        keyed by (document, range start): the same tokens for every method of one sweep."""
+        return {
+            (r["doc"], b["start"]): math.log(b["ppl"])
+            for r in self.of("perplexity", method)
+            if r["ctx"] == ctx and r.get("doc") != "all"
+            for b in r.get("buckets") or []
+            if b.get("tokens")
+        }
+
+    def paired(self, method: str, other: str, ctx: int) -> tuple[float, tuple | None] | None:
+        """ppl(method) / ppl(other) on the same tokens: the geometric mean of the ratio over the position ranges both
+        scored, with +- 2 standard errors over those ranges (None where they share none). Pairing removes what the
+        text contributes to both, so it resolves differences that the per-row intervals over windows cannot."""
+        mine, theirs = self.blocks(method, ctx), self.blocks(other, ctx)
+        shared = sorted(mine.keys() & theirs.keys())
+        if not shared:
+            return None
+        ratios = [math.exp(mine[k] - theirs[k]) for k in shared]
+        return math.exp(sum(math.log(r) for r in ratios) / len(ratios)), interval(ratios)
+
+    def best(self, ctx: int) -> str | None:
+        """The method with the lowest pooled perplexity at ``ctx``."""
+        scored = [(value[0], m) for m in self.methods if (value := self.perplexity(m, ctx)) is not None]
+        return min(scored)[1] if scored else None
+
     def cached_same(self, method: str, ctx: int) -> bool:
         """Whether the cached column was left out at ``ctx`` as exact (``task.cached_for=dynamic``)."""
         return any(r.get("cached_same") for r in self.of("perplexity", method) if r["ctx"] == ctx)
@@ -162,29 +192,57 @@ class Board:
             body.append(line)
         return markdown_table(header, body)
 
+    def paired_table(self) -> str:
+        """Each method's perplexity over the best one's at each length, paired over position ranges; ``~`` marks an
+        interval that holds 1 (the difference from the best is not resolved)."""
+        ctxs = self.lengths("perplexity")
+        bests = {c: self.best(c) for c in ctxs}
+        body = []
+        for method in self.methods:
+            line = [method]
+            for c in ctxs:
+                value = self.paired(method, bests[c], c) if method != bests[c] else None
+                if method == bests[c]:
+                    line.append("best")
+                elif value is None:
+                    line.append("-")
+                else:
+                    inside = value[1] is not None and value[1][0] <= 1.0 <= value[1][1]
+                    line.append(_band(*value, digits=3) + (" ~" if inside else ""))
+            body.append(line)
+        return markdown_table(["method", *(f"ppl {_k(c)} / best" for c in ctxs)], body)
+
+    def report(self) -> str:
+        """``board.md``: the table, what its intervals are, and the paired comparison with the best row."""
+        parts = [self.table(), LEGEND]
+        if self.tasks.get("perplexity"):
+            parts += [PAIRED_LEGEND, self.paired_table()]
+        return "\n\n".join(parts) + "\n"
+
     def plot_perplexity(self, path: Path) -> Path | None:
         ctxs = self.lengths("perplexity")
         if not ctxs:
             return None
-        fig, axes = figure(1, width=7.5, height=5.0)
-        ax, style = axes[0][0], styles(self.methods)
+        series = {}
         for method in self.methods:
-            points = [(c, self.perplexity(method, c)) for c in ctxs]
-            points = [(c, v) for c, v in points if v is not None]
-            if not points:
-                continue
-            ax.plot([c for c, _ in points], [v[0] for _, v in points], label=method, **style[method])
-            bands = [(c, v[1]) for c, v in points if v[1] is not None]
-            if bands:
-                color = style[method]["color"]
-                ax.fill_between(
-                    [c for c, _ in bands], [b[0] for _, b in bands], [b[1] for _, b in bands], alpha=0.15, color=color
-                )
-        ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity (+- 2 SE over windows)")
-        ax.set_xticks(ctxs, [str(c) for c in ctxs])
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
-        return save(fig, path)
+            values = [(c, self.perplexity(method, c)) for c in ctxs]
+            series[method] = [(c, v[0], v[1]) for c, v in values if v is not None]
+        return length_plot(series, path, "perplexity (+- 2 SE over windows)", legend_cols=2, zoom=1.6)
+
+
+LEGEND = (
+    "Perplexity: pooled over the windows, [exp(mean +- 2 standard errors) of the per-window log-perplexity] (with two "
+    "windows a rough band, not a 95% interval). helps: the last tail tokens of the longest window read after the rest "
+    "of it, over the same tokens alone (below 1: the far context helps). cached: the same windows fed through the KV "
+    "cache in chunks; `=` where the method's keys keep their rotation once written (the same figure to rounding). "
+    "Passkey: keys found / asked [Wilson 95%]. RULER: the mean score over its tasks; the effective length is the "
+    "longest length whose mean stays at or above the threshold."
+)
+PAIRED_LEGEND = (
+    "Each method against the best row of each length on the same tokens: the geometric mean over position ranges "
+    "(the perplexity task's buckets, in every window) of ppl(method) / ppl(best), [+- 2 standard errors over those "
+    "ranges]; `~` where the interval holds 1, so the board does not resolve the difference from the best."
+)
 
 
 def _stock_first(row: dict) -> bool:
@@ -201,7 +259,7 @@ def write_board(rows: Sequence[dict], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     board = Board(rows)
     written = [write_csv(rows, out_dir / "results.csv")]
-    write_atomic(out_dir / "board.md", board.table())
+    write_atomic(out_dir / "board.md", board.report())
     written.append(out_dir / "board.md")
     plot = board.plot_perplexity(out_dir / "ppl_vs_length.png")
     written += [plot] if plot else []

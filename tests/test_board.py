@@ -106,3 +106,39 @@ def test_write_board_and_the_command_line(tmp_path, capsys):
     names = {p.name for p in (tmp_path / "board").iterdir()}
     assert {"board.md", "results.csv", "ppl_vs_length.png", "passkey_heatmap.png", "ruler_heatmap.png"} <= names
     assert write_board(rows(), tmp_path / "again")[0].name == "results.csv"
+
+
+def bucketed(variant, ctx, per_doc):
+    """Perplexity rows whose windows carry position ranges: ``per_doc`` lists each document's range perplexities."""
+    key = cell_key({"v": str(variant)}, {"ctx": ctx})
+    base = {"task": "perplexity", "model": "m", "logn": False, **variant, "ctx": ctx, "key": key}
+    docs = []
+    for i, ppls in enumerate(per_doc):
+        ranges = [{"start": j * 100, "end": (j + 1) * 100, "ppl": p, "tokens": 100} for j, p in enumerate(ppls)]
+        docs.append({**base, "doc": f"d{i}", "ppl": math.exp(sum(map(math.log, ppls)) / len(ppls)), "buckets": ranges})
+    pooled = math.exp(sum(math.log(d["ppl"]) for d in docs) / len(docs))
+    return [*docs, {**base, "doc": "all", "ppl": pooled}]
+
+
+def test_the_paired_table_resolves_a_constant_gap_that_the_window_intervals_cannot():
+    best = [[10.0, 20.0], [30.0, 60.0]]  # the two windows differ 3x: their own intervals are wide
+    rows = bucketed(STOCK, 8192, best)
+    rows += bucketed(CONSISTENT, 8192, [[p * 1.1 for p in doc] for doc in best])  # 10% worse on every token range
+    rows += bucketed(ORIGINAL, 8192, [[10.0 * 1.3, 20.0 * 0.8], [30.0 * 1.1, 60.0 * 0.95]])  # as often better as worse
+    board = Board(rows)
+    assert board.best(8192) == "none"
+    ratio, (low, high) = board.paired("consistent_ntk", "none", 8192)
+    assert ratio == pytest.approx(1.1) and low == pytest.approx(1.1) and high == pytest.approx(1.1)
+    window_low, window_high = board.perplexity("consistent_ntk", 8192)[1]
+    assert window_low < 20.0 < 30.0 < window_high  # the per-row interval overlaps the best row's figure
+    lines = board.paired_table().splitlines()
+    assert lines[0] == "| method | ppl 8k / best |"
+    assert lines[2:] == [
+        "| none | best |",
+        "| consistent_ntk | 1.100 [1.100, 1.100] |",
+        f"| consistent_ntk(bucket=1,schedule=per_forward)+logn | {lines[4].split(' | ')[1]}",
+    ]
+    assert lines[4].endswith(" ~ |")  # ratios 1.3, 0.8, 1.1, 0.95: the interval holds 1
+    assert board.paired("consistent_ntk", "none", 16384) is None  # no rows at that length
+    report = board.report()
+    assert report.index("| method | ppl 8k |") < report.index("| method | ppl 8k / best |")

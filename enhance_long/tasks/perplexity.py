@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from enhance_long.patch import cache_dependent, prefix_exact
-from enhance_long.plots import figure, save, styles
+from enhance_long.plots import figure, length_plot, save, styles
 from enhance_long.tables import describe_rows, grid, grid_table, labels, ordered_labels, perplexity_text
 from enhance_long.tasks.base import Task, TaskEnv, require_positive
 
@@ -369,18 +369,8 @@ def perplexity_table(rows: Sequence[dict]) -> str:
 
 def plot_ppl_vs_length(rows: Sequence[dict], path: Path) -> Path:
     order, ctxs, cells = grid(rows, "ppl")
-    fig, axes = figure(1, width=6.5, height=4.5)
-    ax = axes[0][0]
-    style = styles(order)
-    for label in order:
-        points = [(c, cells[(label, c)][-1]) for c in ctxs if (label, c) in cells]
-        ax.plot([p[0] for p in points], [p[1] for p in points], label=label, **style[label])
-    ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity")
-    ax.set_xticks(ctxs, [str(c) for c in ctxs])
-    ax.set_title(f"Perplexity vs length ({describe_rows(rows)})", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    return save(fig, path)
+    series = {label: [(c, cells[(label, c)][-1], None) for c in ctxs if (label, c) in cells] for label in order}
+    return length_plot(series, path, "perplexity", f"Perplexity vs length ({describe_rows(rows)})")
 
 
 def plot_ppl_by_position(rows: Sequence[dict], out_dir: Path) -> list[Path]:

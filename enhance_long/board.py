@@ -36,6 +36,7 @@ from enhance_long.report import by_task, write_csv
 from enhance_long.results import load_results, write_atomic
 from enhance_long.tables import markdown_table
 from enhance_long.tasks import find_task
+from enhance_long.tasks.perplexity import plot_ppl_by_position
 
 Z = 2.0  # +- 2 standard errors for perplexity
 WILSON_Z = 1.96  # 95% for passkey
@@ -125,6 +126,13 @@ class Board:
         """The method with the lowest pooled perplexity at ``ctx``."""
         scored = [(value[0], m) for m in self.methods if (value := self.perplexity(m, ctx)) is not None]
         return min(scored)[1] if scored else None
+
+    def longest_windows(self) -> list[dict]:
+        """The pooled perplexity rows at the longest length, labelled by method: where each method breaks, by position
+        in that window."""
+        rows = [r for r in self.tasks.get("perplexity", []) if r.get("doc") == "all"]
+        longest = max((r["ctx"] for r in rows), default=None)
+        return [{**r, "method": short_label(r)} for r in rows if r["ctx"] == longest]
 
     def cached_same(self, method: str, ctx: int) -> bool:
         """Whether the cached column was left out at ``ctx`` as exact (``task.cached_for=dynamic``)."""
@@ -254,8 +262,8 @@ def _k(ctx: int) -> str:
 
 
 def write_board(rows: Sequence[dict], out_dir: Path) -> list[Path]:
-    """``board.md``, ``results.csv`` (every row) and the plots: perplexity vs length with bands, one heatmap per method
-    for passkey and for RULER."""
+    """``board.md``, ``results.csv`` (every row) and the plots: perplexity vs length with bands, perplexity by position
+    in the longest window, one heatmap per method for passkey and for RULER."""
     out_dir = Path(out_dir)
     board = Board(rows)
     written = [write_csv(rows, out_dir / "results.csv")]
@@ -263,6 +271,7 @@ def write_board(rows: Sequence[dict], out_dir: Path) -> list[Path]:
     written.append(out_dir / "board.md")
     plot = board.plot_perplexity(out_dir / "ppl_vs_length.png")
     written += [plot] if plot else []
+    written += plot_ppl_by_position(board.longest_windows(), out_dir)
     for name in ("passkey", "ruler"):
         task = find_task(name)
         if task is not None and board.tasks.get(name):

@@ -117,7 +117,9 @@ def bucketed(variant, ctx, per_doc):
         ranges = [{"start": j * 100, "end": (j + 1) * 100, "ppl": p, "tokens": 100} for j, p in enumerate(ppls)]
         docs.append({**base, "doc": f"d{i}", "ppl": math.exp(sum(map(math.log, ppls)) / len(ppls)), "buckets": ranges})
     pooled = math.exp(sum(math.log(d["ppl"]) for d in docs) / len(docs))
-    return [*docs, {**base, "doc": "all", "ppl": pooled}]
+    ranges = [{**b, "ppl": math.exp(sum(math.log(d["buckets"][j]["ppl"]) for d in docs) / len(docs))}
+              for j, b in enumerate(docs[0]["buckets"])]  # fmt: skip
+    return [*docs, {**base, "doc": "all", "ppl": pooled, "buckets": ranges}]
 
 
 def test_the_paired_table_resolves_a_constant_gap_that_the_window_intervals_cannot():
@@ -142,3 +144,12 @@ def test_the_paired_table_resolves_a_constant_gap_that_the_window_intervals_cann
     assert board.paired("consistent_ntk", "none", 16384) is None  # no rows at that length
     report = board.report()
     assert report.index("| method | ppl 8k |") < report.index("| method | ppl 8k / best |")
+
+
+def test_the_board_plots_where_each_method_breaks_in_its_longest_window(tmp_path):
+    rows = bucketed(STOCK, 8192, [[10.0, 20.0]]) + bucketed(STOCK, 16384, [[10.0, 900.0]])
+    rows += bucketed(CONSISTENT, 16384, [[10.0, 11.0]])
+    board = Board(rows)
+    assert {(r["method"], r["ctx"]) for r in board.longest_windows()} == {("none", 16384), ("consistent_ntk", 16384)}
+    names = [p.name for p in write_board(rows, tmp_path)]
+    assert "ppl_by_position.png" in names and "ppl_vs_length.png" in names

@@ -220,9 +220,23 @@ class Board:
             body.append(line)
         return markdown_table(["method", *(f"ppl {_k(c)} / best" for c in ctxs)], body)
 
-    def report(self) -> str:
-        """``board.md``: the table, what its intervals are, and the paired comparison with the best row."""
-        parts = [self.table(), LEGEND]
+    def coverage(self, plan: dict | None = None) -> str:
+        """One line: for each task, the methods with rows (of the sweep's planned rows, where ``plan`` gives them), and
+        those missing lengths that other methods have (a sweep still running)."""
+        tasks = list(plan["tasks"]) if plan else list(self.tasks)
+        parts = []
+        for task in tasks:
+            methods = [m for m in self.methods if self.of(task, m)]
+            lengths = set(self.lengths(task))
+            partial = [m for m in methods if {r["ctx"] for r in self.of(task, m)} != lengths]
+            text = f"{task} {len(methods)}" + (f" of {plan['rows']}" if plan else "")
+            parts.append(text + (f" (partial: {', '.join(partial)})" if partial else ""))
+        return "Rows measured: " + "; ".join(parts) + "."
+
+    def report(self, plan: dict | None = None) -> str:
+        """``board.md``: how much of the sweep it holds, the table, what its intervals are, and the paired comparison
+        with the best row."""
+        parts = [self.coverage(plan), self.table(), LEGEND]
         if self.tasks.get("perplexity"):
             parts += [PAIRED_LEGEND, self.paired_table()]
         return "\n\n".join(parts) + "\n"
@@ -261,13 +275,31 @@ def _k(ctx: int) -> str:
     return f"{ctx // 1024}k" if ctx % 1024 == 0 else str(ctx)
 
 
-def write_board(rows: Sequence[dict], out_dir: Path) -> list[Path]:
-    """``board.md``, ``results.csv`` (every row) and the plots: perplexity vs length with bands, perplexity by position
+def sweep_plan(dirs: Sequence[Path]) -> dict | None:
+    """The tasks and the number of rows per task that the sweep under ``dirs`` plans, from its ``multirun.yaml``
+    (Hydra's record of the sweep: rows = the product of the value counts of every swept key but ``task``); None where
+    there is none, or where a key sweeps a range or a glob whose values it does not list."""
+    from omegaconf import OmegaConf
+
+    for folder in dirs:
+        for path in sorted(Path(folder).rglob("multirun.yaml")):
+            params = OmegaConf.select(OmegaConf.load(path), "hydra.sweeper.params", default=None) or {}
+            values = {key: str(value).split(",") for key, value in params.items()}
+            if any("(" in v for vs in values.values() for v in vs):
+                return None
+            rows = math.prod(len(vs) for key, vs in values.items() if key != "task")
+            return {"tasks": values.get("task", []), "rows": rows}
+    return None
+
+
+def write_board(rows: Sequence[dict], out_dir: Path, plan: dict | None = None) -> list[Path]:
+    """``board.md`` (with how much of ``plan``, a sweep's planned tasks and rows, it holds), ``results.csv`` (every
+    row) and the plots: perplexity vs length with bands, perplexity by position
     in the longest window, one heatmap per method for passkey and for RULER."""
     out_dir = Path(out_dir)
     board = Board(rows)
     written = [write_csv(rows, out_dir / "results.csv")]
-    write_atomic(out_dir / "board.md", board.report())
+    write_atomic(out_dir / "board.md", board.report(plan))
     written.append(out_dir / "board.md")
     plot = board.plot_perplexity(out_dir / "ppl_vs_length.png")
     written += [plot] if plot else []
@@ -291,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(1, f"error: {error}\n")
     if not rows:
         parser.exit(1, f"error: no result rows under {', '.join(map(str, args.dirs))}\n")
-    written = write_board(rows, args.out)
+    written = write_board(rows, args.out, sweep_plan(args.dirs))
     print((args.out / "board.md").read_text())
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 0

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from enhance_long.board import Board, interval, main, short_label, wilson, write_board
+from enhance_long.board import Board, interval, main, short_label, sweep_plan, wilson, write_board
 from enhance_long.results import ResultStore, cell_key
 
 CONSISTENT = {"rope": "consistent_ntk", "knobs": {"alpha": 2.0, "bucket": 256, "schedule": "per_query"}}
@@ -153,3 +153,22 @@ def test_the_board_plots_where_each_method_breaks_in_its_longest_window(tmp_path
     assert {(r["method"], r["ctx"]) for r in board.longest_windows()} == {("none", 16384), ("consistent_ntk", 16384)}
     names = [p.name for p in write_board(rows, tmp_path)]
     assert "ppl_by_position.png" in names and "ppl_vs_length.png" in names
+
+
+def test_the_board_says_how_much_of_the_planned_sweep_it_holds(tmp_path):
+    rows = bucketed(STOCK, 8192, [[10.0, 20.0]]) + bucketed(STOCK, 16384, [[10.0, 900.0]])
+    rows += bucketed(CONSISTENT, 8192, [[10.0, 11.0]]) + passkey_rows(STOCK, 16384, [0, 0, 1])
+    (tmp_path / "multirun.yaml").write_text(
+        "hydra:\n  sweeper:\n    params:\n      task: perplexity,passkey,ruler\n      variant: none,consistent_ntk,yarn\n"
+    )
+    plan = sweep_plan([tmp_path])
+    assert plan == {"tasks": ["perplexity", "passkey", "ruler"], "rows": 3}
+    assert Board(rows).coverage(plan) == (
+        "Rows measured: perplexity 2 of 3 (partial: consistent_ntk); passkey 1 of 3; ruler 0 of 3."
+    )
+    assert Board(rows).coverage() == "Rows measured: perplexity 2 (partial: consistent_ntk); passkey 1."
+    write_board(rows, tmp_path / "board", plan)
+    assert (tmp_path / "board" / "board.md").read_text().startswith("Rows measured: perplexity 2 of 3")
+    (tmp_path / "multirun.yaml").write_text("hydra:\n  sweeper:\n    params:\n      rope.alpha: range(1,4)\n")
+    assert sweep_plan([tmp_path]) is None  # a range lists no values to count
+    assert sweep_plan([tmp_path / "board"]) is None  # no multirun.yaml there

@@ -123,9 +123,11 @@ class Board:
         return math.exp(sum(math.log(r) for r in ratios) / len(ratios)), interval(ratios)
 
     def best(self, ctx: int) -> str | None:
-        """The method with the lowest pooled perplexity at ``ctx``."""
-        scored = [(value[0], m) for m in self.methods if (value := self.perplexity(m, ctx)) is not None]
-        return min(scored)[1] if scored else None
+        """The method with the lowest pooled perplexity at ``ctx``; of rows equal to a relative 1e-6 (the same model
+        inside its trained length, to rounding) the first in the board's order, the stock model first."""
+        scored = [(m, value[0]) for m in self.methods if (value := self.perplexity(m, ctx)) is not None]
+        lowest = min((v for _, v in scored), default=None)
+        return next((m for m, v in scored if v <= lowest * (1 + 1e-6)), None)
 
     def longest_windows(self) -> list[dict]:
         """The pooled perplexity rows at the longest length, labelled by method: where each method breaks, by position

@@ -172,3 +172,10 @@ def test_the_board_says_how_much_of_the_planned_sweep_it_holds(tmp_path):
     (tmp_path / "multirun.yaml").write_text("hydra:\n  sweeper:\n    params:\n      rope.alpha: range(1,4)\n")
     assert sweep_plan([tmp_path]) is None  # a range lists no values to count
     assert sweep_plan([tmp_path / "board"]) is None  # no multirun.yaml there
+
+
+def test_of_rows_equal_to_rounding_the_first_is_the_best():
+    rows = bucketed(CONSISTENT, 8192, [[10.0, 20.0 * (1 - 1e-9)]]) + bucketed(STOCK, 8192, [[10.0, 20.0]])
+    rows += bucketed(ORIGINAL, 8192, [[10.0, 21.0]])
+    assert Board(rows).best(8192) == "none"  # stock first, though consistent_ntk is lower by rounding
+    assert Board(rows).best(16384) is None

@@ -43,21 +43,21 @@ def length_plot(
 ) -> Path:
     """Lines over context length on log-log axes: ``series`` maps a label to its (length, value, band) points, ``band``
     a (low, high) pair shaded around the line, or None. ``zoom`` > 1 adds a panel of the same lines cut to values
-    within ``zoom`` x the lowest, where the good methods are told apart."""
+    within ``zoom`` x the lowest, lines only, where the good methods are told apart."""
     panels = 2 if zoom > 1 else 1
     fig, axes = figure(panels, width=6.5 + legend_cols - 1, height=4.5 + (legend_cols - 1) / 2)
     style = styles(list(series))
     lengths = sorted({p[0] for points in series.values() for p in points})
-    for ax in axes[0]:
+    for column, ax in enumerate(axes[0]):
         for label, points in series.items():
             if not points:
                 continue
             ax.plot([p[0] for p in points], [p[1] for p in points], label=label, **style[label])
-            bands = [p for p in points if p[2] is not None]
+            bands = [p for p in points if p[2] is not None] if column == 0 else []  # bands would hide a close zoom
             if bands:
                 low, high = [b[2][0] for b in bands], [b[2][1] for b in bands]
                 ax.fill_between([b[0] for b in bands], low, high, alpha=0.15, color=style[label]["color"])
-        ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel=ylabel)
+        ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel=ylabel if column == 0 else "")
         ax.set_xticks(lengths, [str(c) for c in lengths])
         ax.tick_params(axis="x", which="minor", labelbottom=False)
         ax.grid(True, which="both", alpha=0.3)
@@ -68,7 +68,7 @@ def length_plot(
         axes[0][1].set_ylim(lowest / 1.05, lowest * zoom)
         for axis in (axes[0][1].yaxis.set_major_formatter, axes[0][1].yaxis.set_minor_formatter):
             axis(FormatStrFormatter("%.0f"))
-        axes[0][1].set_title(f"within {zoom:g}x of the lowest", fontsize=9)
+        axes[0][1].set_title(f"within {zoom:g}x of the lowest (lines only)", fontsize=9)
     if title:
         axes[0][0].set_title(title, fontsize=9)
     axes[0][0].legend(fontsize=7 if legend_cols == 1 else 6, ncol=legend_cols)

@@ -119,8 +119,8 @@ class Board:
         shared = sorted(mine.keys() & theirs.keys())
         if not shared:
             return None
-        ratios = [math.exp(mine[k] - theirs[k]) for k in shared]
-        return math.exp(sum(math.log(r) for r in ratios) / len(ratios)), interval(ratios)
+        gaps = [mine[k] - theirs[k] for k in shared]  # log ratios
+        return math.exp(sum(gaps) / len(gaps)), interval([math.exp(g) for g in gaps])
 
     def best(self, ctx: int) -> str | None:
         """The method with the lowest pooled perplexity at ``ctx``; of rows equal to a relative 1e-6 (the same model
@@ -211,14 +211,12 @@ class Board:
         for method in self.methods:
             line = [method]
             for c in ctxs:
-                value = self.paired(method, bests[c], c) if method != bests[c] else None
-                if method == bests[c]:
-                    line.append("best")
-                elif value is None:
-                    line.append("-")
-                else:
-                    inside = value[1] is not None and value[1][0] <= 1.0 <= value[1][1]
-                    line.append(_band(*value, digits=3) + (" ~" if inside else ""))
+                value = None if method == bests[c] else self.paired(method, bests[c], c)
+                if value is None:
+                    line.append("best" if method == bests[c] else "-")
+                    continue
+                inside = value[1] is not None and value[1][0] <= 1.0 <= value[1][1]
+                line.append(_band(*value, digits=3) + (" ~" if inside else ""))
             body.append(line)
         return markdown_table(["method", *(f"ppl {_k(c)} / best" for c in ctxs)], body)
 

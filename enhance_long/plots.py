@@ -66,8 +66,8 @@ def length_plot(
         from matplotlib.ticker import FormatStrFormatter
 
         axes[0][1].set_ylim(lowest / 1.05, lowest * zoom)
-        for axis in (axes[0][1].yaxis.set_major_formatter, axes[0][1].yaxis.set_minor_formatter):
-            axis(FormatStrFormatter("%.0f"))
+        axes[0][1].yaxis.set_major_formatter(FormatStrFormatter("%.0f"))
+        axes[0][1].yaxis.set_minor_formatter(FormatStrFormatter("%.0f"))
         axes[0][1].set_title(f"within {zoom:g}x of the lowest (lines only)", fontsize=9)
     if title:
         axes[0][0].set_title(title, fontsize=9)

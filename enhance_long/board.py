@@ -1,6 +1,6 @@
 """The leaderboard: one table over perplexity, passkey and RULER rows, with intervals, and its plots.
 
-    python -m enhance_long.board multirun/leaderboard --out docs/leaderboard   # board.md, results.csv, plots
+    python -m enhance_long.board multirun/leaderboard --out docs/leaderboard   # board.md, results.csv/.jsonl, plots
 
 One line per method (a short label: the rope method, the knobs it sets away from their defaults, ``+logn``):
 
@@ -33,7 +33,7 @@ from pathlib import Path
 from enhance_long.methods.catalog import CATALOG
 from enhance_long.plots import length_plot
 from enhance_long.report import by_task, write_csv
-from enhance_long.results import load_results, write_atomic
+from enhance_long.results import RESULTS, load_results, write_atomic, write_rows
 from enhance_long.tables import markdown_table
 from enhance_long.tasks import find_task
 from enhance_long.tasks.perplexity import plot_ppl_by_position
@@ -294,11 +294,11 @@ def sweep_plan(dirs: Sequence[Path]) -> dict | None:
 
 def write_board(rows: Sequence[dict], out_dir: Path, plan: dict | None = None) -> list[Path]:
     """``board.md`` (with how much of ``plan``, a sweep's planned tasks and rows, it holds), ``results.csv`` (every
-    row) and the plots: perplexity vs length with bands, perplexity by position
+    row), ``results.jsonl`` (the same rows as the runner stores them, for ``reuse``) and the plots: perplexity vs length with bands, perplexity by position
     in the longest window, one heatmap per method for passkey and for RULER."""
     out_dir = Path(out_dir)
     board = Board(rows)
-    written = [write_csv(rows, out_dir / "results.csv")]
+    written = [write_csv(rows, out_dir / "results.csv"), write_rows(rows, out_dir / RESULTS)]
     write_atomic(out_dir / "board.md", board.report(plan))
     written.append(out_dir / "board.md")
     plot = board.plot_perplexity(out_dir / "ppl_vs_length.png")
@@ -315,7 +315,9 @@ def write_board(rows: Sequence[dict], out_dir: Path, plan: dict | None = None) -
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m enhance_long.board", description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path, help="output folders of the leaderboard (searched recursively)")
-    parser.add_argument("--out", type=Path, required=True, help="where board.md, results.csv and the plots go")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="where board.md, results.csv, results.jsonl and the plots go"
+    )
     args = parser.parse_args(argv)
     try:
         rows = load_results(args.dirs)

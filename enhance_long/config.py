@@ -26,6 +26,7 @@ from enhance_long.attention import BACKENDS, check_backend
 from enhance_long.data import SOURCES, local_files
 from enhance_long.methods.catalog import CATALOG, knob_specs
 from enhance_long.models import model_dtype
+from enhance_long.results import find_result_files
 from enhance_long.tasks import all_tasks, get_task
 from enhance_long.tasks.base import require_positive
 
@@ -125,6 +126,7 @@ class RunConfig:
     baseline: bool = True  # also measure the stock model (rope=none, logn off) for the table
     seed: int = 0
     resume: bool = True  # skip cells already in results.jsonl
+    reuse: list[str] = field(default_factory=list)  # results.jsonl files or folders whose cells count as measured
     progress: bool = True  # progress bars
     per_task: dict[str, Any] = field(default_factory=dict)  # task name -> overrides of this config for that task
 
@@ -262,5 +264,11 @@ def _validate(cfg: DictConfig, methods: Sequence[str]) -> list[int]:
         raise ConfigError(
             f"logger.mode={cfg.logger.mode} is unknown; choose one of {', '.join(WANDB_MODES)}, or null for $WANDB_MODE"
         )
+    for path in cfg.reuse:
+        if not Path(path).exists() or not find_result_files([path]):
+            raise ConfigError(
+                f"reuse has {path}, which is not a results.jsonl file or a folder holding one; give earlier results "
+                f"(e.g. reuse=[docs/leaderboard]) or reuse=[] to measure every cell here"
+            )
     task.check(cfg.task, ctxs)
     return ctxs

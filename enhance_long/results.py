@@ -77,6 +77,12 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+def write_rows(rows: Iterable[dict], path: Path) -> Path:
+    """Write ``rows`` as a ``results.jsonl`` (one JSON object a line), atomically."""
+    write_atomic(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
+    return Path(path)
+
+
 def find_result_files(paths: Iterable[Path]) -> list[Path]:
     """Every ``results.jsonl`` in these folders (searched recursively) or given directly, in a stable order."""
     files: list[Path] = []
@@ -121,4 +127,4 @@ class ResultStore:
         if any(row.get("key") != key for row in rows):
             raise ValueError(f"every row stored under key {key} must carry that key")
         self.rows = [row for row in self.rows if row["key"] != key] + list(rows)
-        write_atomic(self.path, "".join(json.dumps(row, default=str) + "\n" for row in self.rows))
+        write_rows(self.rows, self.path)

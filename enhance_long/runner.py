@@ -6,8 +6,9 @@
     python run.py -m rope=none,dynamic_ntk,consistent_ntk rope.alpha=1,2,4 ctx=8192,16384
 
 A job validates its config (one-line errors, nothing loaded yet), works out its cells (task cells x variants: the
-configured method and, with ``baseline=true``, the stock model) and skips those already measured here or in a
-sibling job of the same sweep. Only if something is left is the model loaded, once; each variant is applied, its
+configured method and, with ``baseline=true``, the stock model) and skips those already measured here, in a
+sibling job of the same sweep or in the earlier results that ``reuse`` names (a committed board's ``results.jsonl``:
+a sweep goes on where another machine left it), copying their rows in. Only if something is left is the model loaded, once; each variant is applied, its
 cells measured and stored atomically as they finish, then removed. The job ends by writing ``summary.json``,
 ``table.md`` and the plots into its output folder. See the README (Running experiments) for the output contract.
 
@@ -205,13 +206,14 @@ def _run(cfg: DictConfig, out_dir: Path | None, sweep_dir: Path | None) -> list[
     store = ResultStore(out_dir)
     done = store.keys() if cfg.resume else set()
     elsewhere = {}
-    if cfg.resume and sweep_dir is not None:
-        elsewhere = group_by_key(r for r in load_results([sweep_dir]) if r["key"] not in done)
+    sources = ([sweep_dir] if sweep_dir is not None else []) + [Path(p) for p in cfg.reuse]
+    if cfg.resume and sources:
+        elsewhere = group_by_key(r for r in load_results(sources) if r["key"] not in done)
     for item in job.work:
         if item.key in elsewhere and item.key not in done:
             store.put(item.key, elsewhere[item.key])
             done.add(item.key)
-            log.info("%s %s: same cell already measured in this sweep; reused", item.variant.label, item.cell)
+            log.info("%s %s: already measured in this sweep or in reuse; reused", item.variant.label, item.cell)
     todo = [item for item in job.work if item.key not in done]
     log.info("\n%s", _header(cfg, job, len(todo), out_dir))
 

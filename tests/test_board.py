@@ -5,7 +5,7 @@ import math
 import pytest
 
 from enhance_long.board import Board, interval, main, short_label, sweep_plan, wilson, write_board
-from enhance_long.results import ResultStore, cell_key
+from enhance_long.results import RESULTS, ResultStore, cell_key, read_rows
 
 CONSISTENT = {"rope": "consistent_ntk", "knobs": {"alpha": 2.0, "bucket": 256, "schedule": "per_query"}}
 ORIGINAL = {"rope": "consistent_ntk", "knobs": {"alpha": 2.0, "bucket": 1, "schedule": "per_forward"}, "logn": True}
@@ -106,6 +106,7 @@ def test_write_board_and_the_command_line(tmp_path, capsys):
     names = {p.name for p in (tmp_path / "board").iterdir()}
     assert {"board.md", "results.csv", "ppl_vs_length.png", "passkey_heatmap.png", "ruler_heatmap.png"} <= names
     assert write_board(rows(), tmp_path / "again")[0].name == "results.csv"
+    assert read_rows(tmp_path / "board" / RESULTS) == rows()  # what the runner's reuse reads back, unchanged
 
 
 def bucketed(variant, ctx, per_doc):

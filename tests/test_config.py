@@ -128,6 +128,8 @@ def test_an_unknown_option_fails_at_composition():
         (["attention.name=fast"], "attention=fast is unknown; choose one of eager, sdpa"),
         (["logger=wandb", "logger.mode=sometimes"], "logger.mode=sometimes is unknown"),
         (["data=local"], "data=local (source local) needs data.path"),
+        (["reuse=[no/such/board]"], "reuse has no/such/board, which is not a results.jsonl file or a folder"),
+        (["reuse=[conf]"], "reuse has conf, which is not a results.jsonl file or a folder holding one"),
     ],
 )
 def test_nonsense_values_fail_with_one_line(overrides, message):

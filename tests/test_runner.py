@@ -95,6 +95,25 @@ def test_an_interrupted_job_resumes_with_the_missing_cells_only(corpus, tmp_path
     assert len(read_rows(tmp_path / RESULTS)) == 4
 
 
+def test_reuse_takes_the_cells_of_earlier_results_and_measures_only_the_rest(corpus, tmp_path, monkeypatch):
+    run(compose_tiny(corpus, "ctxs=[64]"), out_dir=tmp_path / "earlier")  # e.g. a board committed by another machine
+    measured = []
+    measure = enhance_long.tasks.perplexity.Perplexity.measure
+    monkeypatch.setattr(
+        enhance_long.tasks.perplexity.Perplexity,
+        "measure",
+        lambda self, env, cell: measured.append(cell["ctx"]) or measure(self, env, cell),
+    )
+    run(compose_tiny(corpus, f"reuse=[{tmp_path / 'earlier'}]"), out_dir=tmp_path / "now")
+    assert measured == [128]
+    earlier = read_rows(tmp_path / "earlier" / RESULTS)
+    now = read_rows(tmp_path / "now" / RESULTS)
+    assert [r for r in now if r["ctx"] == 64] == earlier and {r["ctx"] for r in now} == {64, 128}
+    measured.clear()
+    run(compose_tiny(corpus, f"reuse=[{tmp_path / 'earlier'}]", "resume=false"), out_dir=tmp_path / "again")
+    assert sorted(measured) == [64, 128]  # resume=false measures everything, reuse or not
+
+
 def test_wandb_offline_logs_and_keeps_local_results(corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

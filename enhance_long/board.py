@@ -40,6 +40,7 @@ from enhance_long.tasks.perplexity import plot_ppl_by_position
 
 Z = 2.0  # +- 2 standard errors for perplexity
 WILSON_Z = 1.96  # 95% for passkey
+ROUNDING = 1e-4  # relative: perplexities this close are one model to rounding (float32 kernels differ by ~1e-5 at 8k)
 
 
 def short_label(row: dict) -> str:
@@ -123,11 +124,11 @@ class Board:
         return math.exp(sum(gaps) / len(gaps)), interval([math.exp(g) for g in gaps])
 
     def best(self, ctx: int) -> str | None:
-        """The method with the lowest pooled perplexity at ``ctx``; of rows equal to a relative 1e-6 (the same model
-        inside its trained length, to rounding) the first in the board's order, the stock model first."""
+        """The method with the lowest pooled perplexity at ``ctx``; of rows equal to ``ROUNDING`` (the same model
+        inside its trained length, through other kernels) the first in the board's order, the stock model first."""
         scored = [(m, value[0]) for m in self.methods if (value := self.perplexity(m, ctx)) is not None]
         lowest = min((v for _, v in scored), default=None)
-        return next((m for m, v in scored if v <= lowest * (1 + 1e-6)), None)
+        return next((m for m, v in scored if v <= lowest * (1 + ROUNDING)), None)
 
     def longest_windows(self) -> list[dict]:
         """The pooled perplexity rows at the longest length, labelled by method: where each method breaks, by position
@@ -204,7 +205,8 @@ class Board:
 
     def paired_table(self) -> str:
         """Each method's perplexity over the best one's at each length, paired over position ranges; ``~`` marks an
-        interval that holds 1 (the difference from the best is not resolved)."""
+        interval that holds 1 or a ratio within ``ROUNDING`` of it (the difference from the best is not resolved, or
+        is rounding)."""
         ctxs = self.lengths("perplexity")
         bests = {c: self.best(c) for c in ctxs}
         body = []
@@ -216,7 +218,8 @@ class Board:
                     line.append("best" if method == bests[c] else "-")
                     continue
                 inside = value[1] is not None and value[1][0] <= 1.0 <= value[1][1]
-                line.append(_band(*value, digits=3) + (" ~" if inside else ""))
+                same = inside or abs(math.log(value[0])) <= ROUNDING
+                line.append(_band(*value, digits=3) + (" ~" if same else ""))
             body.append(line)
         return markdown_table(["method", *(f"ppl {_k(c)} / best" for c in ctxs)], body)
 

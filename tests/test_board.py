@@ -179,4 +179,11 @@ def test_of_rows_equal_to_rounding_the_first_is_the_best():
     rows = bucketed(CONSISTENT, 8192, [[10.0, 20.0 * (1 - 1e-9)]]) + bucketed(STOCK, 8192, [[10.0, 20.0]])
     rows += bucketed(ORIGINAL, 8192, [[10.0, 21.0]])
     assert Board(rows).best(8192) == "none"  # stock first, though consistent_ntk is lower by rounding
+    # every range 1e-5 lower through other float32 kernels: rounding, not a better model, though the interval is tight
+    kernels = bucketed({"rope": "dynamic_yarn", "knobs": {}}, 8192, [[10.0 * (1 - 1e-5), 20.0 * (1 - 1e-5)]])
+    board = Board(bucketed(STOCK, 8192, [[10.0, 20.0]]) + kernels + bucketed(ORIGINAL, 8192, [[10.2, 20.4]]))
+    assert board.best(8192) == "none"
+    cells = dict(line.strip("| ").split(" | ") for line in board.paired_table().splitlines()[2:])
+    assert cells["none"] == "best" and cells["dynamic_yarn"] == "1.000 [1.000, 1.000] ~"
+    assert cells["consistent_ntk(bucket=1,schedule=per_forward)+logn"] == "1.020 [1.020, 1.020]"  # 2% apart: resolved
     assert Board(rows).best(16384) is None

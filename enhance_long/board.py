@@ -266,7 +266,8 @@ LEGEND = (
 PAIRED_LEGEND = (
     "Each method against the best row of each length on the same tokens: the geometric mean over position ranges "
     "(the perplexity task's buckets, in every window) of ppl(method) / ppl(best), [+- 2 standard errors over those "
-    "ranges]; `~` where the interval holds 1, so the board does not resolve the difference from the best."
+    "ranges]; `~` where the interval holds 1, so the board does not resolve the difference from the best, or where "
+    "the ratio is within 1e-4 of 1 (the same model to rounding, as every row is inside the trained length)."
 )
 
 

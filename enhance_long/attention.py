@@ -8,6 +8,7 @@ backend's own mask function (without it transformers would silently drop the mas
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 import weakref
@@ -40,6 +41,53 @@ def check_backend(backend: str) -> None:
             )
         if not torch.cuda.is_available():
             raise ValueError('attention="flash_attention_2" needs a CUDA GPU; use attention="sdpa" on this machine')
+
+
+def check_flex_kernel(device: torch.device | str) -> None:
+    """Refuse flex attention where torch's compiled kernel gives wrong attention on ``device`` (seen with torch 2.13
+    on an AVX2-only CPU: few queries over 40, 56, 72... keys; pytorch/pytorch#159247 is a relative), rather than
+    measure a broken kernel. The stock model reads such shapes too, in every cached decoding step."""
+    error = flex_kernel_error(torch.device(device).type)
+    if error is not None:
+        raise ValueError(
+            f"attention=flex_attention: torch {torch.__version__}'s compiled flex attention is off by {error:.2g} on "
+            f"this {torch.device(device).type} (a 40-key check against matrix products); use "
+            "attention=sdpa or attention=eager, which compute the same attention"
+        )
+
+
+@functools.cache
+def flex_kernel_error(device_type: str, kernel: Callable | None = None) -> float | None:
+    """The largest difference between transformers' compiled flex attention and matrix products on a small input of
+    this device type (GQA, one query over 40 keys and 8 queries over 40, causal to the last key); None where they
+    agree to 1e-4. ``kernel`` replaces the compiled flex call (tests)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from transformers.integrations.flex_attention import compile_friendly_flex_attention
+
+    kernel = kernel or compile_friendly_flex_attention
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for queries in (1, 8):
+        q = torch.randn(2, 4, queries, 16, generator=g).to(device_type)
+        k, v = (torch.randn(2, 2, 40, 16, generator=g).to(device_type) for _ in range(2))
+        offset = 40 - queries
+        mask = create_block_mask(_causal_mod(offset), B=2, H=None, Q_LEN=queries, KV_LEN=40, device=device_type)
+        output = kernel(q, k, v, block_mask=mask, scale=0.25, enable_gqa=True)
+        output = output[0] if isinstance(output, tuple) else output
+        keys, values = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        allowed = _causal(offset, 0, queries, 40, q.device)
+        scores = (q @ keys.transpose(-1, -2) * 0.25).masked_fill(~allowed, float("-inf"))
+        worst = max(worst, (output - scores.softmax(-1) @ values).abs().max().item())
+    return worst if worst > 1e-4 else None
+
+
+def _causal_mod(offset: int) -> Callable:
+    """A flex ``mask_mod``: query i sees keys up to ``offset + i``."""
+
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + offset
+
+    return causal
 
 
 def enhanced_attention(backend: str):

@@ -39,7 +39,7 @@ from transformers import (
 )
 
 from enhance_long import assets
-from enhance_long.attention import check_backend
+from enhance_long.attention import check_backend, check_flex_kernel
 from enhance_long.patch import trained_length
 
 logger = logging.getLogger(__name__)
@@ -204,6 +204,8 @@ def load_model(model_cfg: Mapping, attention: str = "sdpa") -> tuple[PreTrainedM
                 )
         model, tokenizer = _from_pretrained(path, model_cfg, dtype, attention, local)
 
+    if attention == "flex_attention":
+        check_flex_kernel(next(model.parameters()).device)  # the stock rows too run on this kernel
     if model_cfg.get("train_len"):
         _record_train_len(model.config, int(model_cfg["train_len"]))
     logger.info(

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from enhance_long.attention import ATTENTION_PREFIX, check_backend, register_backend
+from enhance_long.attention import ATTENTION_PREFIX, check_backend, check_flex_kernel, register_backend
 from enhance_long.consistent import identity_rotation, query_lengths, segments, validate_copies
 from enhance_long.methods.catalog import CATALOG, DEFAULT_ROPE, METHODS, Basis, Rope, check_knobs
 from enhance_long.methods.logn import logn_scale
@@ -90,6 +90,8 @@ def resolve(model, rope: str = DEFAULT_ROPE, logn: bool = True, train_len: int |
     values = check_knobs(method, knobs, train_len)
     backend = _stock_backend(config)
     check_backend(backend)
+    if backend == "flex_attention":
+        check_flex_kernel(next(model.parameters()).device)
     if method.views is not None and backend == "flash_attention_2":
         count = len(method.views(values).views)
         raise ValueError(

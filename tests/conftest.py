@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
+from enhance_long.attention import flex_kernel_error
 from enhance_long.models import byte_tokenizer
 
 TRAIN_LEN = 32  # trained context of the tiny models; tests run to 3x this
@@ -48,9 +49,19 @@ def tiny_model(
         "sliding_window": None,
         "attn_implementation": attention,
     }
+    if attention == "flex_attention":
+        skip_where_flex_is_broken()
     config = AutoConfig.for_model(family, **{**settings, **config})
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def skip_where_flex_is_broken(device: str = "cpu") -> None:
+    """Skip a flex case where torch's compiled flex kernel is wrong on this machine (``apply`` refuses it there);
+    the reason says by how much, so a skipped flex suite is visible in the report."""
+    error = flex_kernel_error(device)
+    if error is not None:
+        pytest.skip(f"torch {torch.__version__}'s compiled flex attention is off by {error:.2g} on this {device}")
 
 
 @pytest.fixture

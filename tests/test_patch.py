@@ -251,3 +251,27 @@ print("ok")
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_the_flex_probe_accepts_a_right_kernel_and_reports_a_wrong_one():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from enhance_long.attention import flex_kernel_error
+
+    reference = torch._dynamo.disable(flex_attention)  # the unfused flex: slow, exact
+    assert flex_kernel_error("cpu", reference) is None
+    assert flex_kernel_error("cpu", lambda *a, **k: reference(*a, **k) * 1.01) > 1e-3
+
+
+def test_apply_refuses_flex_where_its_compiled_kernel_is_wrong(monkeypatch):
+    import enhance_long.attention
+
+    monkeypatch.setattr(enhance_long.attention, "flex_kernel_error", lambda device_type: 0.99)
+    model = tiny_model()
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError) as error:
+        enhance_long.apply(model)
+    message = str(error.value)
+    assert message.startswith("attention=flex_attention: torch ") and "off by 0.99 on this cpu" in message
+    assert "use attention=sdpa or attention=eager" in message and "\n" not in message
+    assert not hasattr(model, "_enhance_long")  # refused before anything was patched

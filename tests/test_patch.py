@@ -253,6 +253,7 @@ print("ok")
     assert result.stdout.strip().endswith("ok"), result.stderr[-2000:]
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # the reference, on purpose
 def test_the_flex_probe_accepts_a_right_kernel_and_reports_a_wrong_one():
     from torch.nn.attention.flex_attention import flex_attention
 

@@ -1,6 +1,6 @@
 """The leaderboard: one table over perplexity, passkey and RULER rows, with intervals, and its plots.
 
-    python -m enhance_long.board multirun/leaderboard --out docs/leaderboard   # board.md, results.csv/.jsonl, plots
+    python -m enhance_long.board multirun/leaderboard docs/leaderboard --out docs/leaderboard   # board.md, results, plots
 
 One line per method (a short label: the rope method, the knobs it sets away from their defaults, ``+logn``):
 

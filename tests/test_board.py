@@ -107,6 +107,12 @@ def test_write_board_and_the_command_line(tmp_path, capsys):
     assert {"board.md", "results.csv", "ppl_vs_length.png", "passkey_heatmap.png", "ruler_heatmap.png"} <= names
     assert write_board(rows(), tmp_path / "again")[0].name == "results.csv"
     assert read_rows(tmp_path / "board" / RESULTS) == rows()  # what the runner's reuse reads back, unchanged
+    # a resumed sweep that has copied only some of the committed cells so far: the committed board keeps the rest
+    first = rows()[0]["key"]
+    resumed = ResultStore(tmp_path / "resumed" / "job")
+    resumed.put(first, [r for r in rows() if r["key"] == first])
+    assert main([str(tmp_path / "resumed"), str(tmp_path / "board"), "--out", str(tmp_path / "board")]) == 0
+    assert read_rows(tmp_path / "board" / RESULTS) == rows()
 
 
 def bucketed(variant, ctx, per_doc):

@@ -165,6 +165,6 @@ def plot_passkey_heatmap(rows: Sequence[dict], path: Path) -> Path:
         grid = [[math.nan] * len(ctxs) for _ in depths]
         for r in rows:
             if label_of[r["key"]] == label:
-                grid[depths.index(r["depth"])][ctxs.index(r["ctx"])] = r["accuracy"]
+                grid[depths.index(r["depth"])][ctxs.index(r["ctx"])] = 100 * r["accuracy"]  # as the cells read
         panels.append(Panel(label, [f"{d:g}" for d in depths], ctxs, grid))
-    return heatmaps(panels, path, 1.0, lambda v: f"{100 * v:.0f}", "context length", "depth", "accuracy")
+    return heatmaps(panels, path, 100.0, lambda v: f"{v:.0f}", "context length", "depth", "accuracy (%)")

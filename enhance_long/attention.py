@@ -47,11 +47,12 @@ def check_flex_kernel(device: torch.device | str) -> None:
     """Refuse flex attention where torch's compiled kernel gives wrong attention on ``device`` (seen with torch 2.13
     on an AVX2-only CPU: few queries over 40, 56, 72... keys; pytorch/pytorch#159247 is a relative), rather than
     measure a broken kernel. The stock model reads such shapes too, in every cached decoding step."""
-    error = flex_kernel_error(torch.device(device).type)
+    device_type = torch.device(device).type
+    error = flex_kernel_error(device_type)
     if error is not None:
         raise ValueError(
             f"attention=flex_attention: torch {torch.__version__}'s compiled flex attention is off by {error:.2g} on "
-            f"this {torch.device(device).type} (a 40-key check against matrix products); use "
+            f"this {device_type} (a 40-key check against matrix products); use "
             "attention=sdpa or attention=eager, which compute the same attention"
         )
 

@@ -298,8 +298,8 @@ def sweep_plan(dirs: Sequence[Path]) -> dict | None:
 
 def write_board(rows: Sequence[dict], out_dir: Path, plan: dict | None = None) -> list[Path]:
     """``board.md`` (with how much of ``plan``, a sweep's planned tasks and rows, it holds), ``results.csv`` (every
-    row), ``results.jsonl`` (the same rows as the runner stores them, for ``reuse``) and the plots: perplexity vs length with bands, perplexity by position
-    in the longest window, one heatmap per method for passkey and for RULER."""
+    row), ``results.jsonl`` (the same rows as the runner stores them, for ``reuse``) and the plots: perplexity vs
+    length with bands, perplexity by position in the longest window, one heatmap per method for passkey and RULER."""
     out_dir = Path(out_dir)
     board = Board(rows)
     written = [write_csv(rows, out_dir / "results.csv"), write_rows(rows, out_dir / RESULTS)]

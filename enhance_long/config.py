@@ -265,7 +265,8 @@ def _validate(cfg: DictConfig, methods: Sequence[str]) -> list[int]:
             f"logger.mode={cfg.logger.mode} is unknown; choose one of {', '.join(WANDB_MODES)}, or null for $WANDB_MODE"
         )
     for path in cfg.reuse:
-        if not Path(path).exists() or not find_result_files([path]):
+        path = Path(path)
+        if not path.exists() or (path.is_file() and path.suffix != ".jsonl") or not find_result_files([path]):
             raise ConfigError(
                 f"reuse has {path}, which is not a results.jsonl file or a folder holding one; give earlier results "
                 f"(e.g. reuse=[docs/leaderboard]) or reuse=[] to measure every cell here"

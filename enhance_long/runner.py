@@ -8,8 +8,8 @@
 A job validates its config (one-line errors, nothing loaded yet), works out its cells (task cells x variants: the
 configured method and, with ``baseline=true``, the stock model) and skips those already measured here, in a
 sibling job of the same sweep or in the earlier results that ``reuse`` names (a committed board's ``results.jsonl``:
-a sweep goes on where another machine left it), copying their rows in. Only if something is left is the model loaded, once; each variant is applied, its
-cells measured and stored atomically as they finish, then removed. The job ends by writing ``summary.json``,
+a sweep goes on where another machine left it), copying their rows in. Only if something is left is the model
+loaded, once; each variant is applied, its cells measured and stored atomically as they finish, then removed. The job ends by writing ``summary.json``,
 ``table.md`` and the plots into its output folder. See the README (Running experiments) for the output contract.
 
 Everything task-specific comes from the task (``enhance_long/tasks/base.py``): its checks, cells, header lines, log

@@ -130,6 +130,7 @@ def test_an_unknown_option_fails_at_composition():
         (["data=local"], "data=local (source local) needs data.path"),
         (["reuse=[no/such/board]"], "reuse has no/such/board, which is not a results.jsonl file or a folder"),
         (["reuse=[conf]"], "reuse has conf, which is not a results.jsonl file or a folder holding one"),
+        (["reuse=[README.md]"], "reuse has README.md, which is not a results.jsonl file"),  # nor a CSV
     ],
 )
 def test_nonsense_values_fail_with_one_line(overrides, message):

@@ -40,6 +40,7 @@ from enhance_long.tasks.perplexity import plot_ppl_by_position
 
 Z = 2.0  # +- 2 standard errors for perplexity
 WILSON_Z = 1.96  # 95% for passkey
+PARTIAL = " (partial)"  # a passkey or RULER figure over fewer cells than other rows have: the sweep is still on it
 ROUNDING = 1e-4  # relative: perplexities this close are one model to rounding (float32 kernels differ by ~1e-5 at 8k)
 
 
@@ -92,6 +93,12 @@ class Board:
 
     def lengths(self, task: str) -> list[int]:
         return sorted({int(r["ctx"]) for r in self.tasks.get(task, [])})
+
+    def partial(self, task: str, method: str) -> bool:
+        """Whether ``method`` lacks cells of ``task`` that other methods have (lengths, depths, RULER tasks): a row
+        the sweep has not finished."""
+        every = {_cell(r) for r in self.tasks.get(task, [])}
+        return {_cell(r) for r in self.of(task, method)} != every
 
     def perplexity(self, method: str, ctx: int, field: str = "ppl") -> tuple[float, tuple | None] | None:
         rows = [r for r in self.of("perplexity", method) if r["ctx"] == ctx]
@@ -196,10 +203,12 @@ class Board:
                 found = self.passkey(method, c)
                 low, high = wilson(*found) if found else (None, None)
                 line.append(f"{found[0]}/{found[1]} [{low:.2f}, {high:.2f}]" if found else "-")
+                line[-1] += PARTIAL if found and self.partial("passkey", method) else ""
             if ruler_ctxs:
                 ruler = self.ruler(method)
-                line += [f"{ruler[0][c]:.1f}" if ruler and c in ruler[0] else "-" for c in ruler_ctxs]
-                line.append(ruler[1] if ruler else "-")
+                mark = PARTIAL if ruler and self.partial("ruler", method) else ""
+                line += [f"{ruler[0][c]:.1f}{mark}" if ruler and c in ruler[0] else "-" for c in ruler_ctxs]
+                line.append(ruler[1] + mark if ruler else "-")
             body.append(line)
         return markdown_table(header, body)
 
@@ -230,8 +239,7 @@ class Board:
         parts = []
         for task in tasks:
             methods = [m for m in self.methods if self.of(task, m)]
-            lengths = set(self.lengths(task))
-            partial = [m for m in methods if {r["ctx"] for r in self.of(task, m)} != lengths]
+            partial = [m for m in methods if self.partial(task, m)]
             text = f"{task} {len(methods)}" + (f" of {plan['rows']}" if plan else "")
             parts.append(text + (f" (partial: {', '.join(partial)})" if partial else ""))
         return "Rows measured: " + "; ".join(parts) + "."
@@ -269,6 +277,11 @@ PAIRED_LEGEND = (
     "ranges]; `~` where the interval holds 1, so the board does not resolve the difference from the best, or where "
     "the ratio is within 1e-4 of 1 (the same model to rounding, as every row is inside the trained length)."
 )
+
+
+def _cell(row: dict) -> tuple:
+    """What a row measures within its task, whatever the method: its length, passkey depth and RULER task."""
+    return row["ctx"], row.get("depth"), row.get("ruler_task")
 
 
 def _stock_first(row: dict) -> bool:

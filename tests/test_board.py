@@ -193,3 +193,16 @@ def test_of_rows_equal_to_rounding_the_first_is_the_best():
     assert cells["none"] == "best" and cells["dynamic_yarn"] == "1.000 [1.000, 1.000] ~"
     assert cells["consistent_ntk(bucket=1,schedule=per_forward)+logn"] == "1.020 [1.020, 1.020]"  # 2% apart: resolved
     assert Board(rows).best(16384) is None
+
+
+def test_a_row_the_sweep_has_not_finished_is_marked_partial_in_the_table():
+    scores = {(8192, "niah_single_1"): 100.0, (8192, "niah_single_2"): 50.0}
+    every = passkey_rows(STOCK, 16384, [0, 0, 1]) + ruler_rows(STOCK, scores)
+    unfinished = passkey_rows(CONSISTENT, 16384, [1, 1, 1])[:1] + ruler_rows(CONSISTENT, dict(list(scores.items())[:1]))
+    board = Board(every + unfinished)
+    assert board.partial("passkey", "consistent_ntk") and board.partial("ruler", "consistent_ntk")
+    assert not board.partial("passkey", "none") and not board.partial("ruler", "none")
+    lines = board.table().splitlines()
+    assert lines[2] == "| none | 1/3 [0.06, 0.79] | 75.0 | below 8192 |"
+    assert lines[3] == "| consistent_ntk | 1/1 [0.21, 1.00] (partial) | 100.0 (partial) | 8192 or more (partial) |"
+    assert board.coverage() == "Rows measured: passkey 2 (partial: consistent_ntk); ruler 2 (partial: consistent_ntk)."

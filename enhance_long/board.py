@@ -33,7 +33,7 @@ from pathlib import Path
 from enhance_long.methods.catalog import CATALOG
 from enhance_long.plots import length_plot
 from enhance_long.report import by_task, write_csv
-from enhance_long.results import RESULTS, load_results, write_atomic, write_rows
+from enhance_long.results import RESULTS, load_results, read_rows, write_atomic, write_rows
 from enhance_long.tables import markdown_table
 from enhance_long.tasks import find_task
 from enhance_long.tasks.perplexity import plot_ppl_by_position
@@ -329,6 +329,15 @@ def write_board(rows: Sequence[dict], out_dir: Path, plan: dict | None = None) -
     return written
 
 
+def in_earlier_order(rows: Sequence[dict], earlier: Path) -> list[dict]:
+    """``rows`` with the cells of an earlier board's ``results.jsonl`` first, in its order, and the new cells after
+    them in theirs: re-rendering a board only appends to its files, and its table keeps the order of its rows."""
+    if not earlier.is_file():
+        return list(rows)
+    place = {key: i for i, key in enumerate(dict.fromkeys(r["key"] for r in read_rows(earlier)))}
+    return sorted(rows, key=lambda row: place.get(row["key"], len(place)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m enhance_long.board", description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path, help="output folders of the leaderboard (searched recursively)")
@@ -342,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(1, f"error: {error}\n")
     if not rows:
         parser.exit(1, f"error: no result rows under {', '.join(map(str, args.dirs))}\n")
-    written = write_board(rows, args.out, sweep_plan(args.dirs))
+    written = write_board(in_earlier_order(rows, args.out / RESULTS), args.out, sweep_plan(args.dirs))
     print((args.out / "board.md").read_text())
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 0

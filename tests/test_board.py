@@ -108,11 +108,14 @@ def test_write_board_and_the_command_line(tmp_path, capsys):
     assert write_board(rows(), tmp_path / "again")[0].name == "results.csv"
     assert read_rows(tmp_path / "board" / RESULTS) == rows()  # what the runner's reuse reads back, unchanged
     # a resumed sweep that has copied only some of the committed cells so far: the committed board keeps the rest
-    first = rows()[0]["key"]
+    # and a new cell: the board's files keep the committed rows where they were and append the new one
+    last = rows()[-1]["key"]
     resumed = ResultStore(tmp_path / "resumed" / "job")
-    resumed.put(first, [r for r in rows() if r["key"] == first])
+    new = passkey_rows(ORIGINAL, 16384, [1, 0, 1])
+    for key in (last, new[0]["key"]):
+        resumed.put(key, [r for r in [*rows(), *new] if r["key"] == key])
     assert main([str(tmp_path / "resumed"), str(tmp_path / "board"), "--out", str(tmp_path / "board")]) == 0
-    assert read_rows(tmp_path / "board" / RESULTS) == rows()
+    assert read_rows(tmp_path / "board" / RESULTS) == [*rows(), new[0]]
 
 
 def bucketed(variant, ctx, per_doc):

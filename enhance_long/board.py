@@ -41,7 +41,7 @@ from enhance_long.tasks.perplexity import plot_ppl_by_position
 Z = 2.0  # +- 2 standard errors for perplexity
 WILSON_Z = 1.96  # 95% for passkey
 PARTIAL = " (partial)"  # a passkey or RULER figure over fewer cells than other rows have: the sweep is still on it
-ROUNDING = 1e-4  # relative: perplexities this close are one model to rounding (float32 kernels differ by ~1e-5 at 8k)
+ROUNDING = 1e-4  # relative: perplexities this close are one model to rounding (AVX2 vs AVX-512 kernels: ~1e-5)
 
 
 def short_label(row: dict) -> str:
@@ -250,7 +250,16 @@ class Board:
         parts = [self.coverage(plan), self.table(), LEGEND]
         if self.tasks.get("perplexity"):
             parts += [PAIRED_LEGEND, self.paired_table()]
-        return "\n\n".join(parts) + "\n"
+        return "\n\n".join([*parts, self.machines()]) + "\n"
+
+    def machines(self) -> str:
+        """Where the rows were measured: each machine with the (task, method) rows measured on it."""
+        where: dict[str, dict[str, None]] = {}
+        for row in self.rows:
+            name = row.get("machine") or "not recorded (rows from before they carried it)"
+            where.setdefault(name, {})[f"{row['task']} {short_label(row)}"] = None
+        lines = [f"* {name}: {', '.join(rows)}" for name, rows in where.items()]
+        return "Measured on (CPUs with other vector kernels differ by ~1e-5 of a perplexity):\n\n" + "\n".join(lines)
 
     def plot_perplexity(self, path: Path) -> Path | None:
         ctxs = self.lengths("perplexity")

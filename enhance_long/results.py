@@ -13,10 +13,12 @@ keeps one copy of each cell.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import platform
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,32 @@ log = logging.getLogger(__name__)
 
 RESULTS = "results.jsonl"
 KEY_VERSION = 1  # bump when a change makes old rows incomparable; old rows are then measured again
+
+
+@functools.cache
+def machine() -> str:
+    """Where a row was measured, in one line: the CPU and the vector kernels torch runs on it, the GPU if any, torch's
+    threads and the versions of torch and transformers. Rows measured on different machines can differ in the last
+    float32 bits (CPU kernels with AVX2 and with AVX-512 round differently: ~1e-5 of a perplexity), so the board's
+    rows say which machine each came from."""
+    import torch
+    import transformers
+
+    where = f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()})"
+    if torch.cuda.is_available():
+        where += f", {torch.cuda.get_device_name()}"
+    return f"{where}, {torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}"
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

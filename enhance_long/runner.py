@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from enhance_long.config import ConfigError, task_settings, validate
 from enhance_long.methods.catalog import METHODS
 from enhance_long.report import tables, write_report
-from enhance_long.results import ResultStore, cell_key, group_by_key, load_results, write_atomic
+from enhance_long.results import ResultStore, cell_key, group_by_key, load_results, machine, write_atomic
 from enhance_long.tasks import Task, get_task
 from enhance_long.tasks.base import TaskEnv
 from enhance_long.tracking import start_tracker
@@ -258,7 +258,9 @@ def _measure(cfg: DictConfig, job: Job, todo: Sequence[Work], store: ResultStore
                 started = time.time()
                 rows = job.task.measure(env, item.cell)
                 seconds = round(time.time() - started, 3)
-                rows = [{**item.fields, **row, "key": item.key, "seconds": seconds} for row in rows]
+                rows = [
+                    {**item.fields, **row, "key": item.key, "seconds": seconds, "machine": machine()} for row in rows
+                ]
                 store.put(item.key, rows)
                 tracker.log_cell(job.task.summary(rows), item.cell)
                 log.info("%s %s: %s", variant.label, item.cell, job.task.brief(rows))

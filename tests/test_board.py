@@ -209,3 +209,13 @@ def test_a_row_the_sweep_has_not_finished_is_marked_partial_in_the_table():
     assert lines[2] == "| none | 1/3 [0.06, 0.79] | 75.0 | below 8192 |"
     assert lines[3] == "| consistent_ntk | 1/1 [0.21, 1.00] (partial) | 100.0 (partial) | 8192 or more (partial) |"
     assert board.coverage() == "Rows measured: passkey 2 (partial: consistent_ntk); ruler 2 (partial: consistent_ntk)."
+
+
+def test_the_board_says_on_which_machine_each_row_was_measured():
+    stock = [{**r, "machine": "cpu A (AVX512)"} for r in passkey_rows(STOCK, 16384, [0, 0, 1])]
+    text = Board(stock + passkey_rows(CONSISTENT, 16384, [1, 1, 1])).machines()
+    assert text.splitlines()[2:] == [
+        "* cpu A (AVX512): passkey none",
+        "* not recorded (rows from before they carried it): passkey consistent_ntk",
+    ]
+    assert Board(stock).report().rstrip().endswith("* cpu A (AVX512): passkey none")

@@ -56,6 +56,11 @@ def test_perplexity_job_writes_the_output_contract(corpus, tmp_path):
     rows = read_rows(tmp_path / RESULTS)
     assert all(set(r) >= ROW_CONTRACT and "ppl" in r and "tokens" in r for r in rows)
     assert {r["doc"] for r in rows} == {"doc0.txt", "all"}
+    # each row says where it was measured: rows from CPUs with other vector kernels differ in the last bits
+    import torch
+
+    where = {r["machine"] for r in rows}
+    assert len(where) == 1 and f"({torch.backends.cpu.get_cpu_capability()})" in where.pop()
     # the runner lets the task plan across cells: both methods score 64 from the prefix of their 128 forward
     assert {r.get("from_ctx") for r in rows if r["ctx"] == 64} == {128}
     summary = json.loads((tmp_path / "summary.json").read_text())

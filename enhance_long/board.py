@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from enhance_long.methods.catalog import CATALOG
-from enhance_long.plots import length_plot
+from enhance_long.plots import band_panels, length_plot
 from enhance_long.report import by_task, write_csv
 from enhance_long.results import RESULTS, load_results, read_rows, write_atomic, write_rows
 from enhance_long.tables import markdown_table
@@ -261,15 +261,26 @@ class Board:
         lines = [f"* {name}: {', '.join(rows)}" for name, rows in where.items()]
         return "Measured on (CPUs with other vector kernels differ by ~1e-5 of a perplexity):\n\n" + "\n".join(lines)
 
+    def ppl_series(self) -> dict[str, list[tuple]]:
+        """Each method's (length, perplexity, band) points."""
+        series = {}
+        for method in self.methods:
+            values = [(c, self.perplexity(method, c)) for c in self.lengths("perplexity")]
+            series[method] = [(c, v[0], v[1]) for c, v in values if v is not None]
+        return series
+
     def plot_perplexity(self, path: Path) -> Path | None:
+        if not self.lengths("perplexity"):
+            return None
+        return length_plot(self.ppl_series(), path, "perplexity (+- 2 SE over windows)", legend_cols=2, zoom=1.6)
+
+    def plot_bands(self, path: Path) -> Path | None:
+        """``ppl_bands.png``: each method's perplexity with its band in a panel of its own, the best row at the
+        longest length in grey behind it."""
         ctxs = self.lengths("perplexity")
         if not ctxs:
             return None
-        series = {}
-        for method in self.methods:
-            values = [(c, self.perplexity(method, c)) for c in ctxs]
-            series[method] = [(c, v[0], v[1]) for c, v in values if v is not None]
-        return length_plot(series, path, "perplexity (+- 2 SE over windows)", legend_cols=2, zoom=1.6)
+        return band_panels(self.ppl_series(), path, "perplexity (+- 2 SE)", reference=self.best(ctxs[-1]))
 
 
 LEGEND = (
@@ -327,8 +338,8 @@ def write_board(rows: Sequence[dict], out_dir: Path, plan: dict | None = None) -
     written = [write_csv(rows, out_dir / "results.csv"), write_rows(rows, out_dir / RESULTS)]
     write_atomic(out_dir / "board.md", board.report(plan))
     written.append(out_dir / "board.md")
-    plot = board.plot_perplexity(out_dir / "ppl_vs_length.png")
-    written += [plot] if plot else []
+    plots = [board.plot_perplexity(out_dir / "ppl_vs_length.png"), board.plot_bands(out_dir / "ppl_bands.png")]
+    written += [plot for plot in plots if plot]
     written += plot_ppl_by_position(board.longest_windows(), out_dir)
     for name in ("passkey", "ruler"):
         task = find_task(name)

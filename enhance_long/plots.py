@@ -38,29 +38,57 @@ def styles(order: Sequence[str]) -> dict[str, dict]:
     }
 
 
+BANDS_TOGETHER = 6  # up to this many series share one panel's bands; more would hide each other
+LEGEND_INSIDE = 8  # up to this many legend entries sit inside the axes; more go beside the figure
+
+
+def legend(fig, ax, entries: int, fontsize: float = 7, ncol: int = 1) -> None:
+    """The legend inside ``ax`` for a few entries; for many, outside the axes where it hides no line: beside a
+    figure of one panel, below a wider one."""
+    if entries <= LEGEND_INSIDE:
+        ax.legend(fontsize=fontsize, ncol=ncol)
+    elif len(fig.axes) == 1:
+        width, height = fig.get_size_inches()
+        fig.set_size_inches(width + 3.5, max(height, 0.16 * entries + 0.8))  # room for the labels, the axes kept
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=fontsize)
+    else:
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize=fontsize, ncol=max(ncol, 4))
+
+
+def _length_axes(ax, lengths: Sequence[int], ylabel: str) -> None:
+    ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel=ylabel)
+    ax.set_xticks(lengths, [str(c) for c in lengths])
+    ax.tick_params(axis="x", which="minor", labelbottom=False)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _band(ax, points: Sequence[tuple], color) -> None:
+    bands = [p for p in points if p[2] is not None]
+    if bands:
+        low, high = [b[2][0] for b in bands], [b[2][1] for b in bands]
+        ax.fill_between([b[0] for b in bands], low, high, alpha=0.15, color=color)
+
+
 def length_plot(
     series: dict[str, list[tuple]], path: Path, ylabel: str, title: str = "", legend_cols: int = 1, zoom: float = 0.0
 ) -> Path:
     """Lines over context length on log-log axes: ``series`` maps a label to its (length, value, band) points, ``band``
-    a (low, high) pair shaded around the line, or None. ``zoom`` > 1 adds a panel of the same lines cut to values
+    a (low, high) pair shaded around the line, or None (for more than ``BANDS_TOGETHER`` series the bands would hide
+    each other: :func:`band_panels` draws them apart). ``zoom`` > 1 adds a panel of the same lines cut to values
     within ``zoom`` x the lowest, lines only, where the good methods are told apart."""
     panels = 2 if zoom > 1 else 1
     fig, axes = figure(panels, width=6.5 + legend_cols - 1, height=4.5 + (legend_cols - 1) / 2)
     style = styles(list(series))
     lengths = sorted({p[0] for points in series.values() for p in points})
+    banded = sum(1 for points in series.values() if points) <= BANDS_TOGETHER
     for column, ax in enumerate(axes[0]):
         for label, points in series.items():
             if not points:
                 continue
             ax.plot([p[0] for p in points], [p[1] for p in points], label=label, **style[label])
-            bands = [p for p in points if p[2] is not None] if column == 0 else []  # bands would hide a close zoom
-            if bands:
-                low, high = [b[2][0] for b in bands], [b[2][1] for b in bands]
-                ax.fill_between([b[0] for b in bands], low, high, alpha=0.15, color=style[label]["color"])
-        ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel=ylabel if column == 0 else "")
-        ax.set_xticks(lengths, [str(c) for c in lengths])
-        ax.tick_params(axis="x", which="minor", labelbottom=False)
-        ax.grid(True, which="both", alpha=0.3)
+            if column == 0 and banded:  # bands would hide a close zoom
+                _band(ax, points, style[label]["color"])
+        _length_axes(ax, lengths, ylabel if column == 0 else "")
     if panels == 2:
         lowest = min(p[1] for points in series.values() for p in points)
         from matplotlib.ticker import FormatStrFormatter
@@ -71,7 +99,39 @@ def length_plot(
         axes[0][1].set_title(f"within {zoom:g}x of the lowest (lines only)", fontsize=9)
     if title:
         axes[0][0].set_title(title, fontsize=9)
-    axes[0][0].legend(fontsize=7 if legend_cols == 1 else 6, ncol=legend_cols)
+    legend(fig, axes[0][0], len(series), fontsize=7 if legend_cols == 1 else 6, ncol=legend_cols)
+    return save(fig, path)
+
+
+def band_panels(series: dict[str, list[tuple]], path: Path, ylabel: str, reference: str | None = None) -> Path:
+    """One small panel per series (four to a row), its line and band, with the ``reference`` series in grey behind
+    it: each interval readable alone, and against the same yardstick."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    drawn = {label: points for label, points in series.items() if points}
+    ncols = min(4, len(drawn))
+    nrows = -(-len(drawn) // ncols)
+    fig, axes = figure(ncols, nrows, width=3.4, height=2.8)
+    fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02)
+    style = styles(list(series))
+    lengths = sorted({p[0] for points in drawn.values() for p in points})
+    for ax in axes.flat[len(drawn) :]:
+        ax.set_axis_off()
+    for ax, (label, points) in zip(axes.flat, drawn.items(), strict=False):
+        if reference in drawn and reference != label:
+            ref = drawn[reference]
+            ax.plot([p[0] for p in ref], [p[1] for p in ref], color="0.6", linewidth=1, label=reference)
+        ax.plot([p[0] for p in points], [p[1] for p in points], **style[label])
+        _band(ax, points, style[label]["color"])
+        _length_axes(ax, lengths, ylabel if ax in axes[:, 0] else "")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.set_title(label, fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.xaxis.label.set_fontsize(7)
+        ax.yaxis.label.set_fontsize(7)
+    if reference in drawn:
+        fig.suptitle(f"each method with its band; grey: {reference}", fontsize=9)
     return save(fig, path)
 
 

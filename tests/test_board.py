@@ -104,7 +104,8 @@ def test_write_board_and_the_command_line(tmp_path, capsys):
     assert main([str(tmp_path / "sweep"), "--out", str(tmp_path / "board")]) == 0
     assert "| consistent_ntk |" in capsys.readouterr().out
     names = {p.name for p in (tmp_path / "board").iterdir()}
-    assert {"board.md", "results.csv", "ppl_vs_length.png", "passkey_heatmap.png", "ruler_heatmap.png"} <= names
+    assert {"board.md", "results.csv", "ppl_vs_length.png", "ppl_bands.png", "passkey_heatmap.png"} <= names
+    assert "ruler_heatmap.png" in names
     assert write_board(rows(), tmp_path / "again")[0].name == "results.csv"
     assert read_rows(tmp_path / "board" / RESULTS) == rows()  # what the runner's reuse reads back, unchanged
     # a resumed sweep that has copied only some of the committed cells so far: the committed board keeps the rest
@@ -219,3 +220,21 @@ def test_the_board_says_on_which_machine_each_row_was_measured():
         "* not recorded (rows from before they carried it): passkey consistent_ntk",
     ]
     assert Board(stock).report().rstrip().endswith("* cpu A (AVX512): passkey none")
+
+
+def test_many_lines_get_their_legend_beside_the_axes_and_their_bands_a_panel_each(tmp_path):
+    from enhance_long.plots import BANDS_TOGETHER, LEGEND_INSIDE, band_panels, figure, legend
+
+    for entries, panels in ((LEGEND_INSIDE, 1), (LEGEND_INSIDE + 1, 1), (LEGEND_INSIDE + 1, 2)):
+        fig, axes = figure(panels)
+        for i in range(entries):
+            axes[0][0].plot([0, 1], [i, i], label=f"m{i}")
+        width = fig.get_size_inches()[0]
+        legend(fig, axes[0][0], entries)
+        outside = entries > LEGEND_INSIDE
+        assert (axes[0][0].get_legend() is None) == outside and len(fig.legends) == outside
+        assert (fig.get_size_inches()[0] > width) == (outside and panels == 1)  # room made beside one panel
+    series = {f"m{i}": [(8192, 10.0 + i, (9.0, 12.0 + i)), (16384, 11.0 + i, None)] for i in range(BANDS_TOGETHER + 1)}
+    series["empty"] = []
+    band_panels(series, tmp_path / "bands.png", "ppl", reference="m0")
+    assert (tmp_path / "bands.png").stat().st_size > 0

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from enhance_long.patch import cache_dependent, prefix_exact
-from enhance_long.plots import figure, length_plot, save, styles
+from enhance_long.plots import figure, legend, length_plot, save, styles
 from enhance_long.tables import describe_rows, grid, grid_table, labels, ordered_labels, perplexity_text
 from enhance_long.tasks.base import Task, TaskEnv, require_positive
 
@@ -394,5 +394,5 @@ def plot_ppl_by_position(rows: Sequence[dict], out_dir: Path) -> list[Path]:
             )
         ax.set(yscale="log", xlabel="position in window (bucket end, tokens)", ylabel="perplexity", title=f"ctx={ctx}")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    legend(fig, axes[0][0], len(order))
     return [save(fig, Path(out_dir) / "ppl_by_position.png")]

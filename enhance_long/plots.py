@@ -103,10 +103,16 @@ def length_plot(
     return save(fig, path)
 
 
+def _sparse_label(value: float, _position=None) -> str:
+    """A minor log tick's label where it leads with 1, 2, 3 or 5 (14, 20, 30, 50; not 40, 60, 70, 80, 90)."""
+    text = f"{value:g}"
+    return text if text[0] in "1235" else ""
+
+
 def band_panels(series: dict[str, list[tuple]], path: Path, ylabel: str, reference: str | None = None) -> Path:
     """One small panel per series (four to a row), its line and band, with the ``reference`` series in grey behind
     it: each interval readable alone, and against the same yardstick."""
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter, FuncFormatter
 
     drawn = {label: points for label, points in series.items() if points}
     ncols = min(4, len(drawn))
@@ -125,9 +131,9 @@ def band_panels(series: dict[str, list[tuple]], path: Path, ylabel: str, referen
         _band(ax, points, style[label]["color"])
         _length_axes(ax, lengths, ylabel if ax in axes[:, 0] else "")
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(_sparse_label))
         ax.set_title(label, fontsize=7)
-        ax.tick_params(labelsize=6)
+        ax.tick_params(which="both", labelsize=6)
         ax.xaxis.label.set_fontsize(7)
         ax.yaxis.label.set_fontsize(7)
     if reference in drawn:

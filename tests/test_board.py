@@ -223,7 +223,9 @@ def test_the_board_says_on_which_machine_each_row_was_measured():
 
 
 def test_many_lines_get_their_legend_beside_the_axes_and_their_bands_a_panel_each(tmp_path):
-    from enhance_long.plots import BANDS_TOGETHER, LEGEND_INSIDE, band_panels, figure, legend
+    from enhance_long.plots import BANDS_TOGETHER, LEGEND_INSIDE, _sparse_label, band_panels, figure, legend
+
+    assert [_sparse_label(v) for v in (14.0, 20.0, 40.0, 50.0, 90.0, 300.0)] == ["14", "20", "", "50", "", "300"]
 
     for entries, panels in ((LEGEND_INSIDE, 1), (LEGEND_INSIDE + 1, 1), (LEGEND_INSIDE + 1, 2)):
         fig, axes = figure(panels)

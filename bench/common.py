@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from enhance_long.results import cpu_name
+from enhance_long.results import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -210,22 +210,13 @@ def compare(samples: dict[str, list[float]], name: str, reference: str, ratios: 
 
 
 def machine() -> dict:
-    """Where and when the numbers were taken."""
-    import transformers
-
-    info = {
+    """Where and when the numbers were taken: the row's machine facts plus the date, the cores and python."""
+    return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu_name(),
-        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+        **machine_info(),
         "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def table(rows: Sequence[dict], columns: Sequence[str]) -> str:

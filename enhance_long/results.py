@@ -30,18 +30,34 @@ KEY_VERSION = 1  # bump when a change makes old rows incomparable; old rows are 
 
 
 @functools.cache
-def machine() -> str:
-    """Where a row was measured, in one line: the CPU and the vector kernels torch runs on it, the GPU if any, torch's
-    threads and the versions of torch and transformers. Rows measured on different machines can differ in the last
-    float32 bits (CPU kernels with AVX2 and with AVX-512 round differently: ~1e-5 of a perplexity), so the board's
-    rows say which machine each came from."""
+def machine_info() -> dict:
+    """The facts that decide a float32 result's last bits: the CPU and the vector kernels torch runs on it, the GPU
+    if any, torch's threads and the versions of torch and transformers. Rows format them with :func:`machine`; the
+    benchmarks add the date, the cores and python."""
     import torch
     import transformers
 
-    where = f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()})"
+    info = {
+        "cpu": cpu_name(),
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
     if torch.cuda.is_available():
-        where += f", {torch.cuda.get_device_name()}"
-    return f"{where}, {torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}"
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def machine() -> str:
+    """Where a row was measured, in one line (:func:`machine_info`). Rows measured on different machines can differ
+    in the last float32 bits (CPU kernels with AVX2 and with AVX-512 round differently: ~1e-5 of a perplexity), so
+    the board's rows say which machine each came from."""
+    info = machine_info()
+    where = f"{info['cpu']} ({info['cpu_kernels']})"
+    if "gpu" in info:
+        where += f", {info['gpu']}"
+    return f"{where}, {info['torch_threads']} threads, torch {info['torch']}, transformers {info['transformers']}"
 
 
 def cpu_name() -> str:

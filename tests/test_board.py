@@ -240,3 +240,19 @@ def test_many_lines_get_their_legend_beside_the_axes_and_their_bands_a_panel_eac
     series["empty"] = []
     band_panels(series, tmp_path / "bands.png", "ppl", reference="m0")
     assert (tmp_path / "bands.png").stat().st_size > 0
+
+
+def test_the_readme_quotes_the_committed_board():
+    """Every interval the README's leaderboard section quotes (perplexity, helps, paired ratios, passkey) is one the
+    committed board.md prints, so a re-rendered board cannot leave the README on stale figures."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    board = (root / "docs" / "leaderboard" / "board.md").read_text()
+    section = readme[readme.index("Finished so far") : readme.index("The table below is the earlier board")]
+    quoted = re.findall(r"\d+(?:\.\d+|/\d+) \[\d+\.\d+, \d+\.\d+\]", section)
+    assert len(quoted) > 40, "the README's leaderboard section moved: point this test at it"
+    stale = sorted({q for q in quoted if q not in board})
+    assert not stale, f"README figures not in docs/leaderboard/board.md: {stale}; copy them again from board.md"

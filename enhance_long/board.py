@@ -340,7 +340,7 @@ def write_board(rows: Sequence[dict], out_dir: Path, plan: dict | None = None) -
     written.append(out_dir / "board.md")
     plots = [board.plot_perplexity(out_dir / "ppl_vs_length.png"), board.plot_bands(out_dir / "ppl_bands.png")]
     written += [plot for plot in plots if plot]
-    written += plot_ppl_by_position(board.longest_windows(), out_dir)
+    written += plot_ppl_by_position(board.longest_windows(), out_dir, order=board.methods, zoom=1.6)
     for name in ("passkey", "ruler"):
         task = find_task(name)
         if task is not None and board.tasks.get(name):

@@ -44,10 +44,10 @@ LEGEND_INSIDE = 8  # up to this many legend entries sit inside the axes; more go
 
 def legend(fig, ax, entries: int, fontsize: float = 7, ncol: int = 1) -> None:
     """The legend inside ``ax`` for a few entries; for many, outside the axes where it hides no line: beside a
-    figure of one panel, below a wider one."""
+    figure of one column of panels, below a wider one."""
     if entries <= LEGEND_INSIDE:
         ax.legend(fontsize=fontsize, ncol=ncol)
-    elif len(fig.axes) == 1:
+    elif ax.get_gridspec().ncols == 1:
         width, height = fig.get_size_inches()
         fig.set_size_inches(width + 3.5, max(height, 0.16 * entries + 0.8))  # room for the labels, the axes kept
         fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=fontsize)
@@ -90,17 +90,22 @@ def length_plot(
                 _band(ax, points, style[label]["color"])
         _length_axes(ax, lengths, ylabel if column == 0 else "")
     if panels == 2:
-        lowest = min(p[1] for points in series.values() for p in points)
-        from matplotlib.ticker import FormatStrFormatter
-
-        axes[0][1].set_ylim(lowest / 1.05, lowest * zoom)
-        axes[0][1].yaxis.set_major_formatter(FormatStrFormatter("%.0f"))
-        axes[0][1].yaxis.set_minor_formatter(FormatStrFormatter("%.0f"))
-        axes[0][1].set_title(f"within {zoom:g}x of the lowest (lines only)", fontsize=9)
+        zoom_in(axes[0][1], min(p[1] for points in series.values() for p in points), zoom)
     if title:
         axes[0][0].set_title(title, fontsize=9)
     legend(fig, axes[0][0], len(series), fontsize=7 if legend_cols == 1 else 6, ncol=legend_cols)
     return save(fig, path)
+
+
+def zoom_in(ax, lowest: float, zoom: float, title: str = "") -> None:
+    """Cut ``ax``'s log y axis to values within ``zoom`` x ``lowest``, labelled in plain numbers: the panel where close
+    methods are told apart while the full one beside it shows how far the others go."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.set_ylim(lowest / 1.05, lowest * zoom)
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.0f"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.0f"))
+    ax.set_title(f"{title}within {zoom:g}x of the lowest (lines only)", fontsize=9)
 
 
 def _sparse_label(value: float, _position=None) -> str:

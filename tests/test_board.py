@@ -227,19 +227,44 @@ def test_many_lines_get_their_legend_beside_the_axes_and_their_bands_a_panel_eac
 
     assert [_sparse_label(v) for v in (14.0, 20.0, 40.0, 50.0, 90.0, 300.0)] == ["14", "20", "", "50", "", "300"]
 
-    for entries, panels in ((LEGEND_INSIDE, 1), (LEGEND_INSIDE + 1, 1), (LEGEND_INSIDE + 1, 2)):
-        fig, axes = figure(panels)
+    many = LEGEND_INSIDE + 1
+    for entries, (panels, rows) in ((LEGEND_INSIDE, (1, 1)), (many, (1, 1)), (many, (2, 1)), (many, (1, 2))):
+        fig, axes = figure(panels, rows)
         for i in range(entries):
             axes[0][0].plot([0, 1], [i, i], label=f"m{i}")
         width = fig.get_size_inches()[0]
         legend(fig, axes[0][0], entries)
         outside = entries > LEGEND_INSIDE
         assert (axes[0][0].get_legend() is None) == outside and len(fig.legends) == outside
-        assert (fig.get_size_inches()[0] > width) == (outside and panels == 1)  # room made beside one panel
+        assert (fig.get_size_inches()[0] > width) == (outside and panels == 1)  # room made beside one column
     series = {f"m{i}": [(8192, 10.0 + i, (9.0, 12.0 + i)), (16384, 11.0 + i, None)] for i in range(BANDS_TOGETHER + 1)}
     series["empty"] = []
     band_panels(series, tmp_path / "bands.png", "ppl", reference="m0")
     assert (tmp_path / "bands.png").stat().st_size > 0
+
+
+def test_positions_plot_keeps_the_boards_colours_and_zooms(tmp_path, monkeypatch):
+    """The board's perplexity-by-position plot draws each method in the style it has in ppl_vs_length (the board's
+    row order, not the order the rows came in), and its zoomed panel cuts the axis to the good methods."""
+    from enhance_long.plots import styles
+    from enhance_long.tasks import perplexity
+
+    figures = []
+    monkeypatch.setattr(perplexity, "save", lambda fig, path: figures.append(fig) or path)
+    buckets = [{"end": 4096, "ppl": 20.0}, {"end": 8192, "ppl": 30.0}]
+    rows = [
+        {"method": m, "key": m, "ctx": 8192, "buckets": [{**b, "ppl": b["ppl"] * (1 + i)} for b in buckets]}
+        for i, m in enumerate(("b", "a"))
+    ]
+    perplexity.plot_ppl_by_position(rows, tmp_path, order=["a", "c", "b"], zoom=1.6)
+    (fig,) = figures
+    top, zoomed = fig.axes[0], fig.axes[1]
+    style = styles(["a", "c", "b"])
+    assert [(line.get_label(), line.get_color()) for line in top.lines] == [
+        (label, style[label]["color"]) for label in ("a", "b")
+    ]
+    assert zoomed.get_ylim() == pytest.approx((20.0 / 1.05, 32.0))
+    assert [text.get_text() for text in top.get_legend().get_texts()] == ["a", "b"]
 
 
 def test_the_readme_quotes_the_committed_board():

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from enhance_long.patch import cache_dependent, prefix_exact
-from enhance_long.plots import figure, legend, length_plot, save, styles
+from enhance_long.plots import figure, legend, length_plot, save, styles, zoom_in
 from enhance_long.tables import describe_rows, grid, grid_table, labels, ordered_labels, perplexity_text
 from enhance_long.tasks.base import Task, TaskEnv, require_positive
 
@@ -373,26 +373,41 @@ def plot_ppl_vs_length(rows: Sequence[dict], path: Path) -> Path:
     return length_plot(series, path, "perplexity", f"Perplexity vs length ({describe_rows(rows)})")
 
 
-def plot_ppl_by_position(rows: Sequence[dict], out_dir: Path) -> list[Path]:
-    """Perplexity per position bucket, one panel per length (``ppl_by_position.png``)."""
+def plot_ppl_by_position(
+    rows: Sequence[dict], out_dir: Path, order: Sequence[str] = (), zoom: float = 0.0
+) -> list[Path]:
+    """Perplexity per position bucket, one panel per length (``ppl_by_position.png``). ``order`` fixes each label's
+    line style (the board passes its row order, so a method looks the same in every plot; labels not in it follow);
+    ``zoom`` > 1 adds under each panel the same lines cut to within ``zoom`` x the lowest bucket."""
     rows = [row for row in rows if row.get("buckets")]
     if not rows:
         return []
     label_of = labels(rows)
-    order = ordered_labels(rows, label_of)
+    present = ordered_labels(rows, label_of)
+    style = styles(list(dict.fromkeys([*order, *present])))
+    drawn = [label for label in style if label in present]  # the legend in ``order`` too
     ctxs = sorted({row["ctx"] for row in rows})
-    fig, axes = figure(len(ctxs))
-    style = styles(order)
-    for ax, ctx in zip(axes[0], ctxs, strict=True):
-        for label in order:
+    fig, axes = figure(len(ctxs), 2 if zoom > 1 else 1)
+    for column, ctx in enumerate(ctxs):
+        lowest = math.inf
+        for label in drawn:
             matching = [r for r in rows if r["ctx"] == ctx and label_of[r["key"]] == label]
             if not matching:
                 continue
             buckets = [b for b in matching[-1]["buckets"] if b["ppl"] is not None]
-            ax.plot(
-                [b["end"] for b in buckets], [b["ppl"] for b in buckets], label=label, **{**style[label], "marker": "."}
-            )
-        ax.set(yscale="log", xlabel="position in window (bucket end, tokens)", ylabel="perplexity", title=f"ctx={ctx}")
-        ax.grid(True, which="both", alpha=0.3)
-    legend(fig, axes[0][0], len(order))
+            lowest = min([lowest, *(b["ppl"] for b in buckets)])
+            for ax in axes[:, column]:
+                ax.plot(
+                    [b["end"] for b in buckets],
+                    [b["ppl"] for b in buckets],
+                    label=label,
+                    **{**style[label], "marker": "."},
+                )
+        for ax in axes[:, column]:
+            ax.set(yscale="log", xlabel="position in window (bucket end, tokens)", ylabel="perplexity")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][column].set_title(f"ctx={ctx}")
+        if zoom > 1 and lowest < math.inf:
+            zoom_in(axes[1][column], lowest, zoom, f"ctx={ctx}: ")
+    legend(fig, axes[0][0], len(drawn))
     return [save(fig, Path(out_dir) / "ppl_by_position.png")]

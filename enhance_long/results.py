@@ -29,11 +29,11 @@ RESULTS = "results.jsonl"
 KEY_VERSION = 1  # bump when a change makes old rows incomparable; old rows are then measured again
 
 
-@functools.cache
 def machine_info() -> dict:
     """The facts that decide a float32 result's last bits: the CPU and the vector kernels torch runs on it, the GPU
     if any, torch's threads and the versions of torch and transformers. Rows format them with :func:`machine`; the
-    benchmarks add the date, the cores and python."""
+    benchmarks add the date, the cores and python. Read at each call: a benchmark sets torch's threads before it
+    reports them."""
     import torch
     import transformers
 
@@ -60,6 +60,7 @@ def machine() -> str:
     return f"{where}, {info['torch_threads']} threads, torch {info['torch']}, transformers {info['transformers']}"
 
 
+@functools.cache
 def cpu_name() -> str:
     """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
     try:

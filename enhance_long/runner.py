@@ -258,9 +258,8 @@ def _measure(cfg: DictConfig, job: Job, todo: Sequence[Work], store: ResultStore
                 started = time.time()
                 rows = job.task.measure(env, item.cell)
                 seconds = round(time.time() - started, 3)
-                rows = [
-                    {**item.fields, **row, "key": item.key, "seconds": seconds, "machine": machine()} for row in rows
-                ]
+                where = machine()
+                rows = [{**item.fields, **row, "key": item.key, "seconds": seconds, "machine": where} for row in rows]
                 store.put(item.key, rows)
                 tracker.log_cell(job.task.summary(rows), item.cell)
                 log.info("%s %s: %s", variant.label, item.cell, job.task.brief(rows))

@@ -232,6 +232,46 @@ class Board:
             body.append(line)
         return markdown_table(["method", *(f"ppl {_k(c)} / best" for c in ctxs)], body)
 
+    def positions_table(self) -> str | None:
+        """Each method's perplexity by position range in the longest windows (the task's buckets, pooled over the
+        windows by their tokens): where each method breaks, in figures beside ``ppl_by_position.png``."""
+        pooled = self.longest_windows()
+        ranges = sorted({(b["start"], b["end"]) for r in pooled for b in r.get("buckets") or [] if b.get("tokens")})
+        if not ranges:
+            return None
+        body = []
+        for method in self.methods:
+            nll: dict[int, list[float]] = {}
+            for row in (r for r in pooled if r["method"] == method):
+                for b in (b for b in row.get("buckets") or [] if b.get("tokens")):
+                    total = nll.setdefault(b["start"], [0.0, 0.0])
+                    total[0] += b["tokens"] * math.log(b["ppl"])
+                    total[1] += b["tokens"]
+            if nll:
+                cells = [f"{math.exp(nll[a][0] / nll[a][1]):.1f}" if a in nll else "-" for a, _ in ranges]
+                body.append([method, *cells])
+        return markdown_table(["method", *(f"{_k(a) if a else 0}-{_k(b)}" for a, b in ranges)], body)
+
+    def wall_table(self) -> str:
+        """The wall time the runner recorded for each row's cells, in minutes by task (each cell once, however many
+        rows it wrote), and the board's total: what the board cost on the machines listed below it."""
+        tasks = [t for t in ("perplexity", "passkey", "ruler") if self.tasks.get(t)]
+        tasks += [t for t in self.tasks if t not in tasks]
+        seconds: dict[tuple[str, str], dict[str, float]] = {}
+        for row in self.rows:
+            if row.get("seconds") is not None:
+                seconds.setdefault((short_label(row), row["task"]), {})[row["key"]] = row["seconds"]
+        minutes = {k: sum(v.values()) / 60 for k, v in seconds.items()}
+        body = []
+        for method in self.methods:
+            line = [f"{minutes[(method, t)]:.0f}" if (method, t) in minutes else "-" for t in tasks]
+            mine = [minutes[(method, t)] for t in tasks if (method, t) in minutes]
+            body.append([method, *line, f"{sum(mine):.0f}"])
+        total = sum(minutes.values())
+        body.append(["all rows", *(f"{sum(v for (_, t), v in minutes.items() if t == task):.0f}" for task in tasks)])
+        body[-1].append(f"{total:.0f} ({total / 60:.1f} h)")
+        return markdown_table(["method", *(f"{t} min" for t in tasks), "row min"], body)
+
     def coverage(self, plan: dict | None = None) -> str:
         """One line: for each task, the methods with rows (of the sweep's planned rows, where ``plan`` gives them), and
         those missing lengths that other methods have (a sweep still running)."""
@@ -250,6 +290,12 @@ class Board:
         parts = [self.coverage(plan), self.table(), LEGEND]
         if self.tasks.get("perplexity"):
             parts += [PAIRED_LEGEND, self.paired_table()]
+        positions = self.positions_table()
+        if positions:
+            longest = _k(max(self.lengths("perplexity")))
+            parts += [POSITIONS_LEGEND.format(longest=longest), positions]
+        if any(r.get("seconds") is not None for r in self.rows):
+            parts += [WALL_LEGEND, self.wall_table()]
         return "\n\n".join([*parts, self.machines()]) + "\n"
 
     def machines(self) -> str:
@@ -296,6 +342,16 @@ PAIRED_LEGEND = (
     "(the perplexity task's buckets, in every window) of ppl(method) / ppl(best), [+- 2 standard errors over those "
     "ranges]; `~` where the interval holds 1, so the board does not resolve the difference from the best, or where "
     "the ratio is within 1e-4 of 1 (the same model to rounding, as every row is inside the trained length)."
+)
+
+POSITIONS_LEGEND = (
+    "Perplexity by position in the {longest} windows (each position range pooled over the windows by its tokens): "
+    "where each method breaks. The first ranges hold few tokens of context, so every row scores them alike."
+)
+WALL_LEGEND = (
+    "Wall time the runner recorded, in minutes (each cell once; a perplexity cell that reads its length off a forward "
+    "an earlier cell made records almost nothing of its own). The machines differ between rows (listed below), and some cells ran "
+    "beside tests or benchmarks: a record of what this board cost, not a benchmark of the methods."
 )
 
 

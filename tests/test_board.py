@@ -166,6 +166,30 @@ def test_the_board_plots_where_each_method_breaks_in_its_longest_window(tmp_path
     assert "ppl_by_position.png" in names and "ppl_vs_length.png" in names
 
 
+def test_the_positions_table_gives_each_range_of_the_longest_windows_pooled_over_them():
+    rows = bucketed(STOCK, 8192, [[10.0, 20.0]]) + bucketed(STOCK, 16384, [[10.0, 900.0], [40.0, 100.0]])
+    rows += bucketed(CONSISTENT, 16384, [[10.0, 11.0], [10.0, 11.0]])
+    table = Board(rows).positions_table()
+    assert table.splitlines()[0] == "| method | 0-100 | 100-200 |"
+    assert "| none | 20.0 | 300.0 |" in table  # exp of the mean log over the two windows: sqrt(10*40), sqrt(900*100)
+    assert "| consistent_ntk | 10.0 | 11.0 |" in table
+    assert "Perplexity by position in the 16k windows" in Board(rows).report()
+    assert Board(passkey_rows(STOCK, 16384, [0, 0, 1])).positions_table() is None
+
+
+def test_the_wall_table_counts_each_cell_once_and_sums_rows_and_tasks():
+    stock = [{**r, "seconds": 120.0} for r in ppl_rows(STOCK, 8192, [18.0, 20.0])]  # 3 rows of one cell: 2 min
+    stock += [{**r, "seconds": 60.0} for r in passkey_rows(STOCK, 16384, [0, 0, 1])]  # 3 cells: 3 min
+    mine = [{**r, "seconds": 600.0} for r in ppl_rows(CONSISTENT, 8192, [18.0, 20.0])]
+    table = Board(stock + mine).wall_table()
+    assert table.splitlines()[0] == "| method | perplexity min | passkey min | row min |"
+    assert "| none | 2 | 3 | 5 |" in table and "| consistent_ntk | 10 | - | 10 |" in table
+    assert "| all rows | 12 | 3 | 15 (0.2 h) |" in table
+    assert (
+        "Wall time" in Board(stock).report() and "Wall time" not in Board(passkey_rows(STOCK, 16384, [1] * 3)).report()
+    )
+
+
 def test_the_board_says_how_much_of_the_planned_sweep_it_holds(tmp_path):
     rows = bucketed(STOCK, 8192, [[10.0, 20.0]]) + bucketed(STOCK, 16384, [[10.0, 900.0]])
     rows += bucketed(CONSISTENT, 8192, [[10.0, 11.0]]) + passkey_rows(STOCK, 16384, [0, 0, 1])

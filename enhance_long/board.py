@@ -401,6 +401,7 @@ def write_board(rows: Sequence[dict], out_dir: Path, plan: dict | None = None) -
         task = find_task(name)
         if task is not None and board.tasks.get(name):
             labelled = [{**r, "method": short_label(r)} for r in board.tasks[name]]
+            labelled.sort(key=lambda r: board.methods.index(r["method"]))  # panels in the table's order
             written += task.plots(labelled, out_dir)
     return written
 

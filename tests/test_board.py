@@ -291,6 +291,27 @@ def test_positions_plot_keeps_the_boards_colours_and_zooms(tmp_path, monkeypatch
     assert [text.get_text() for text in top.get_legend().get_texts()] == ["a", "b"]
 
 
+def test_the_heatmaps_have_a_panel_per_method_in_the_tables_order(tmp_path, monkeypatch):
+    """Passkey and RULER panels follow the board's rows, whatever order their cells were measured in (here the
+    original tool's passkey and RULER came before consistent_ntk's)."""
+    from enhance_long.tasks import passkey, ruler
+
+    panels = {}
+    for module in (passkey, ruler):
+        monkeypatch.setattr(module, "heatmaps", lambda got, path, *_: panels.setdefault(path.name, got) and path)
+    board_rows = ppl_rows(STOCK, 8192, [18.0, 20.0]) + ppl_rows(CONSISTENT, 8192, [18.0, 20.0])
+    board_rows += ppl_rows(ORIGINAL, 8192, [18.0, 20.0])
+    board_rows += passkey_rows(ORIGINAL, 16384, [1, 0, 1]) + passkey_rows(CONSISTENT, 16384, [1, 1, 1])
+    board_rows += ruler_rows(ORIGINAL, {(8192, "niah_single_1"): 90.0})
+    board_rows += ruler_rows(CONSISTENT, {(8192, "niah_single_1"): 100.0})
+    write_board(board_rows, tmp_path)
+    methods = Board(board_rows).methods
+    assert methods[1] == "consistent_ntk"
+    expected = [methods[1], methods[2]]
+    assert [panel.title for panel in panels["passkey_heatmap.png"]] == expected
+    assert [panel.title.splitlines()[0] for panel in panels["ruler_heatmap.png"]] == expected
+
+
 def test_the_readme_quotes_the_committed_board():
     """Every interval the README's leaderboard section quotes (perplexity, helps, paired ratios, passkey) is one the
     committed board.md prints, so a re-rendered board cannot leave the README on stale figures."""

@@ -109,6 +109,15 @@ def test_an_unknown_option_fails_at_composition():
         compose_config("rope=ntkk")
 
 
+@pytest.mark.parametrize("override", ["variant=rerope_lgon", "experiment=leaderbord"])
+def test_an_unknown_variant_or_experiment_fails_instead_of_measuring_the_default(override):
+    """variant and experiment default to none; a misspelt one must not be skipped as a missing optional config
+    (that would measure the default method under the name the user meant)."""
+    group, name = override.split("=")
+    with pytest.raises(ConfigCompositionException, match=f"Could not find '{group}/{name}'"):
+        compose_config(override)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
